@@ -32,3 +32,45 @@ def import_bundle_module(bundle: str, module: str = "scripts"):
             sys.path.remove(other)
     sys.path.insert(0, root)
     return importlib.import_module(module)
+
+
+def run_bundle(
+    bundle: str,
+    configs: str | list[str],
+    overrides: dict | None = None,
+    *,
+    entry: str = "run",
+    env: dict | None = None,
+    timeout: float = 900,
+    check: bool = True,
+):
+    """Run ``python -m monai.bundle <entry>`` for a bundle in a subprocess, as a user would.
+
+    ``configs`` are file names under the bundle's ``configs/``; ``overrides`` become
+    ``--key value`` pairs (non-strings are JSON-encoded, which MONAI's CLI parses back).
+    Returns the ``subprocess.CompletedProcess`` (stdout and stderr captured as text).
+    """
+    import json
+    import os
+    import subprocess
+
+    root = bundle_dir(bundle)
+    files = [configs] if isinstance(configs, str) else list(configs)
+    paths = [str(root / "configs" / f) for f in files]
+    config_arg = paths[0] if len(paths) == 1 else json.dumps(paths)
+    cmd = [sys.executable, "-m", "monai.bundle", entry, "--config_file", config_arg, "--bundle_root", str(root)]
+    if entry == "run":
+        cmd += ["--meta_file", str(root / "configs" / "metadata.json")]
+        if (root / "configs" / "logging.conf").exists():
+            cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
+    for key, value in (overrides or {}).items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    full_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"bundle {bundle} {entry} failed ({proc.returncode}):\n{' '.join(cmd)}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+        )
+    return proc
