@@ -1,0 +1,1 @@
+"""abdoreg: chain the registration toolkit's MONAI bundles, and make synthetic data."""
