@@ -220,7 +220,10 @@ def _acquire_native(cohort: Cohort, sid: int, preset: Preset) -> tuple[np.ndarra
     dst = native_affine(cohort.axcodes, spacing, shape, center)
     tissue, hu, aff = render(sample_subject(sid, s, cohort.tumours), preset)
     img, tis = acquire(tissue, hu, aff, dst, shape, sid)
-    return img, native_lut(cohort.native_labels)[tis], dst
+    # The scanner's world frame differs from the phantom's (table height and position): shift the affine.
+    table = np.eye(4)
+    table[:3, 3] = np.array([rng.normal(0, 30), rng.normal(0, 30) + 40, rng.uniform(-300, 300)]) * s
+    return img, native_lut(cohort.native_labels)[tis], table @ dst
 
 
 def write_cohort(

@@ -1,0 +1,1 @@
+"""Plugins of the preprocessing bundle: layouts, geometry, label remapping, the cohort runner."""

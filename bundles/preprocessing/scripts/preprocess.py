@@ -1,0 +1,335 @@
+"""Preprocess one cohort: every case onto the reference grid, labels in the 13-organ scheme, a datalist.
+
+Per case: read (NIfTI or DICOM) -> validate -> align to the reference with ANTs -> resample
+once onto the target grid (linear image, nearest labels, -1024 HU outside) -> remap labels ->
+write image, label and a record atomically. Finished, unchanged cases are skipped on a re-run;
+failed cases are reported with path and reason after the others are done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from .geometry import (
+    CaseError,
+    Volume,
+    align,
+    grid_center,
+    identity_transform,
+    read_volume,
+    resample,
+    target_affine,
+    to_ants,
+    translation_mm,
+    unit_axes,
+)
+from .labels import LabelTable
+from .layouts import Case, CohortListing, list_cohort
+
+logger = logging.getLogger("preprocessing")
+RECORD_VERSION = 1
+
+
+class PreprocessingFailed(RuntimeError):
+    """Some cases failed; the message lists each with its path and reason."""
+
+
+@dataclass
+class Settings:
+    cohort: str
+    table: dict
+    organs: dict[str, str]
+    output_dir: Path
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    align: str
+    pad_value: float
+    reference: Path | None
+    registration: dict
+
+    def digest(self) -> str:
+        """Hash of everything that changes a case's output (not the input: that is the signature)."""
+        ref = file_signature(self.reference) if self.reference else None
+        keys = {
+            "v": RECORD_VERSION,
+            "table": self.table,
+            "organs": self.organs,
+            "spacing": self.spacing,
+            "shape": self.shape,
+            "align": self.align,
+            "pad": self.pad_value,
+            "reference": ref,
+            "registration": self.registration,
+        }
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_signature(path: Path | None) -> list | None:
+    """Size and mtime of a file, or of every file of a DICOM folder: cheap change detection."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    nib.save(img, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _outputs(s: Settings, case: Case, with_label: bool) -> tuple[Path, Path | None, Path]:
+    base = s.output_dir / s.cohort
+    name = f"{case.case}.nii.gz"
+    return (
+        base / "images" / name,
+        (base / "labels" / name) if with_label else None,
+        base / "records" / f"{case.case}.json",
+    )
+
+
+def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume | None) -> dict:
+    """Preprocess one case (or skip it when its record matches); returns its record."""
+    with_label = labels.has_labels and case.label is not None
+    img_out, lab_out, rec_out = _outputs(s, case, with_label)
+    signature = {
+        "image": file_signature(case.image),
+        "label": file_signature(case.label) if with_label else None,
+    }
+    digest = s.digest()
+    if rec_out.exists() and img_out.exists() and (lab_out is None or lab_out.exists()):
+        old = json.loads(rec_out.read_text())
+        if old.get("signature") == signature and old.get("settings") == digest:
+            return {**old, "skipped": True}
+
+    image = read_volume(case.image, "image")
+    native = None
+    if with_label:
+        native = read_volume(case.label, "label")
+        if native.array.shape != image.array.shape or not np.allclose(native.affine, image.affine, atol=1e-3):
+            raise CaseError(
+                f"{case.label}: label grid {native.array.shape} does not match image {case.image} grid {image.array.shape}"
+                " (shape or affine differ)"
+            )
+    elif labels.has_labels and case.split != "test":
+        raise CaseError(f"{case.image}: missing label file (the cohort {s.cohort} is labelled)")
+
+    # Target grid: the reference's orientation and centre (Learn2Reg space), the configured spacing and shape.
+    ref = reference if reference is not None else image
+    aff = target_affine(unit_axes(ref.affine), s.spacing, s.shape, grid_center(ref))
+    moving = to_ants(image)
+    tmpdir = Path(tempfile.mkdtemp(prefix="abdoreg-pre-"))
+    try:
+        transforms: list[str] = []
+        if s.align != "none":
+            if reference is None:
+                raise CaseError(f"{case.image}: align={s.align!r} needs a reference scan (set `reference`)")
+            found = align(
+                moving, to_ants(reference), s.spacing, s.align, outprefix=str(tmpdir) + "/", **s.registration
+            )
+            transforms = [str(p) for p in found]
+        applied = transforms or identity_transform(tmpdir)
+        out_img = resample(moving, aff, s.shape, applied, "linear", s.pad_value)
+        out_img = np.clip(np.rint(out_img), -32768, 32767).astype(np.int16)
+        out_lab = None
+        if native is not None:
+            remapped = labels.remap(native.array, case.label)
+            lab_img = to_ants(Volume(remapped.astype(np.float32), native.affine))
+            out_lab = np.rint(resample(lab_img, aff, s.shape, applied, "genericLabel", 0)).astype(np.uint8)
+            out_lab = labels.split_by_side(out_lab, out_img, aff)
+        translation = translation_mm(transforms) if s.align == "translation" else None
+    except ValueError as exc:
+        raise CaseError(str(exc)) from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+    if out_lab is not None:
+        _atomic_nifti(out_lab, aff, lab_out)
+    _atomic_nifti(out_img, aff, img_out)
+    record = {
+        "case": case.case,
+        "cohort": s.cohort,
+        "source_image": str(case.image),
+        "source_label": str(case.label) if with_label else None,
+        "image": str(img_out.relative_to(s.output_dir)),
+        "label": str(lab_out.relative_to(s.output_dir)) if lab_out else None,
+        "split": case.split,
+        "annotated": labels.annotated if out_lab is not None else [0] * labels.n_organs,
+        "organs_present": sorted(int(v) for v in np.unique(out_lab) if v) if out_lab is not None else [],
+        "align": s.align,
+        "translation_ras_mm": translation,
+        "signature": signature,
+        "settings": digest,
+    }
+    atomic_json(record, rec_out)  # written last: its presence means the case is complete
+    return record
+
+
+def _worker(args):
+    s, case, labels, reference = args
+    try:
+        return case, process_case(s, case, labels, reference), None
+    except CaseError as exc:
+        return case, None, str(exc)
+    except Exception as exc:  # keep the other cases going; the summary names this one
+        return case, None, f"{case.image}: {type(exc).__name__}: {exc}"
+
+
+def _datalist(s: Settings, listing: CohortListing, records: dict[str, dict]) -> dict:
+    items: dict[str, list] = {"training": [], "validation": [], "test": []}
+    for case in listing.cases:
+        rec = records.get(case.case)
+        if rec is None:
+            continue
+        item = {
+            "image": rec["image"],
+            "cohort": s.cohort,
+            "case": case.case,
+            "annotated": rec["annotated"],
+            "split": rec["split"],
+        }
+        if rec["label"]:
+            item["label"] = rec["label"]
+        items.setdefault(rec["split"], []).append(item)
+    out = {
+        "labels": s.organs,
+        "spacing": list(s.spacing),
+        "shape": list(s.shape),
+        "cohorts": [s.cohort],
+        **{k: v for k, v in items.items() if v or k != "test"},
+    }
+    for key, pairs in listing.pairs.items():
+        out[key] = []
+        for f, m in pairs:
+            if f in records and m in records:
+                pair = {"fixed": records[f]["image"], "moving": records[m]["image"]}
+                if records[f]["label"] and records[m]["label"]:
+                    pair |= {"fixed_label": records[f]["label"], "moving_label": records[m]["label"]}
+                out[key].append(pair)
+    return out
+
+
+def merge_datalists(output_dir: Path) -> dict:
+    """Merge every ``datalist_<cohort>.json`` of ``output_dir`` into ``datalist.json``."""
+    merged: dict = {}
+    for path in sorted(output_dir.glob("datalist_*.json")):
+        part = json.loads(path.read_text())
+        for key, value in part.items():
+            if key in ("labels", "spacing", "shape"):
+                merged.setdefault(key, value)
+            elif isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+    atomic_json(merged, output_dir / "datalist.json")
+    return merged
+
+
+def find_reference(reference: str | None, output_dir: Path) -> Path | None:
+    """The reference scan: the configured one, else the first preprocessed Learn2Reg image in ``output_dir``."""
+    if reference:
+        return Path(reference)
+    found = sorted((output_dir / "l2r" / "images").glob("*.nii.gz")) or sorted(
+        (output_dir / "l2r2020" / "images").glob("*.nii.gz")
+    )
+    return found[0] if found else None
+
+
+def run_cohort(
+    cohort: str,
+    input_dir: str,
+    output_dir: str,
+    cohort_table: str,
+    organs_file: str,
+    spacing=(2.0, 2.0, 2.0),
+    shape=(192, 160, 256),
+    align: str | None = None,
+    pad_value: float = -1024.0,
+    reference: str | None = None,
+    num_workers: int = 1,
+    registration: dict | None = None,
+) -> dict:
+    """Preprocess every case of a cohort folder; write ``datalist_<cohort>.json`` and the merged ``datalist.json``."""
+    table = json.loads(Path(cohort_table).read_text())
+    organs = json.loads(Path(organs_file).read_text())
+    out = Path(output_dir)
+    align_mode = (align or table.get("align", "translation")).lower()
+    ref_path = find_reference(reference, out) if align_mode != "none" or reference else None
+    if align_mode != "none" and ref_path is None:
+        raise PreprocessingFailed(
+            f"cohort {cohort}: align={align_mode!r} needs a reference Learn2Reg scan: set `reference`, or preprocess the l2r cohort into {out} first"
+        )
+    s = Settings(
+        cohort,
+        table,
+        organs,
+        out,
+        tuple(float(v) for v in spacing),
+        tuple(int(v) for v in shape),
+        align_mode,
+        float(pad_value),
+        ref_path,
+        dict(registration or {}),
+    )
+    reference_vol = read_volume(ref_path, "reference") if ref_path else None
+    listing = list_cohort(input_dir, table)
+    labels = LabelTable(table, organs)
+    logger.info(
+        f"cohort {cohort}: {len(listing.cases)} cases from {input_dir} -> {out / cohort} (align: {align_mode})"
+    )
+    records: dict[str, dict] = {}
+    failures: list[str] = []
+    jobs = [(s, case, labels, reference_vol) for case in listing.cases]
+    if num_workers > 1:
+        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            futures = [pool.submit(_worker, job) for job in jobs]
+            results = (f.result() for f in as_completed(futures))
+            for case, rec, err in tqdm(results, total=len(jobs), desc=cohort, unit="case"):
+                _collect(case, rec, err, records, failures)
+    else:
+        for job in tqdm(jobs, desc=cohort, unit="case"):
+            _collect(*_worker(job), records, failures)
+    skipped = sum(1 for r in records.values() if r.get("skipped"))
+    atomic_json(_datalist(s, listing, records), out / f"datalist_{cohort}.json")
+    merge_datalists(out)
+    logger.info(
+        f"cohort {cohort}: {len(records) - skipped} processed, {skipped} unchanged (skipped), {len(failures)} failed"
+    )
+    summary = {"cohort": cohort, "processed": len(records) - skipped, "skipped": skipped, "failed": failures}
+    if failures:
+        raise PreprocessingFailed(
+            f"cohort {cohort}: {len(failures)} of {len(jobs)} cases failed:\n  " + "\n  ".join(failures)
+        )
+    return summary
+
+
+def _collect(case: Case, rec: dict | None, err: str | None, records: dict, failures: list) -> None:
+    if err is not None:
+        logger.error(err)
+        failures.append(err)
+    else:
+        records[case.case] = rec
