@@ -14,6 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
+# The MONAI bundle metadata schema, kept beside the repository for offline validation.
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
 
 
 def bundle_dir(name: str) -> Path:
@@ -58,11 +60,14 @@ def run_bundle(
     files = [configs] if isinstance(configs, str) else list(configs)
     paths = [str(root / "configs" / f) for f in files]
     config_arg = paths[0] if len(paths) == 1 else json.dumps(paths)
-    cmd = [sys.executable, "-m", "monai.bundle", entry, "--config_file", config_arg, "--bundle_root", str(root)]
-    if entry == "run":
-        cmd += ["--meta_file", str(root / "configs" / "metadata.json")]
-        if (root / "configs" / "logging.conf").exists():
-            cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
+    meta = str(root / "configs" / "metadata.json")
+    if entry == "verify_metadata":
+        cmd = [sys.executable, "-m", "monai.bundle", entry, "--meta_file", meta]
+    else:
+        cmd = [sys.executable, "-m", "monai.bundle", entry, "--config_file", config_arg, "--bundle_root", str(root)]
+        cmd += ["--meta_file", meta]
+    if entry == "run" and (root / "configs" / "logging.conf").exists():
+        cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
     for key, value in (overrides or {}).items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     full_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
