@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import fire
 
+from .pipeline import PIPELINES, Runner
 from .synth import ALL_COHORTS, generate
 
 
@@ -20,7 +23,48 @@ def synth(
     return str(generate(out, size=size, n_l2r=n_l2r, n_other=n_other, cohorts=names, seed=seed))
 
 
-COMMANDS = {"synth": synth}
+def _pipeline_file(config: str) -> Path:
+    """A pipeline file path, or the name of one shipped in ``abdoreg/pipelines`` (demo, tiny, full)."""
+    path = Path(config)
+    if path.exists():
+        return path
+    shipped = PIPELINES / f"{config}.yaml"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(p.stem for p in sorted(PIPELINES.glob("*.yaml")))
+    raise FileNotFoundError(f"no pipeline file {config!r} (shipped pipelines: {names})")
+
+
+class Pipeline:
+    """Run the stages of a pipeline file: ``abdoreg pipeline run --config demo --work runs/demo``."""
+
+    def run(
+        self,
+        config: str = "demo",
+        work: str = "runs/demo",
+        start: str | None = None,
+        only: str | None = None,
+        **vars,
+    ):
+        """Run stages in order (``--start X`` from stage X, ``--only X,Y`` just those); unchanged stages are skipped."""
+        runner = Runner(_pipeline_file(config), work, extra_vars=vars)
+        runner.run(start=start, only=only)
+        return None
+
+    def list(self, config: str = "demo", work: str = "runs/demo", **vars) -> None:
+        """Print the stages and whether each is done (stamp matches and outputs exist)."""
+        runner = Runner(_pipeline_file(config), work, extra_vars=vars)
+        for stage in runner.stages:
+            print(f"{'done   ' if runner.is_done(stage) else 'pending'}  {stage.name}")
+
+
+def demo(work: str = "runs/demo") -> None:
+    """The synthetic end-to-end demo: all five stages at small size on CPU, then the ablation table."""
+    Pipeline().run(config="demo", work=work)
+    print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
+
+
+COMMANDS = {"synth": synth, "pipeline": Pipeline, "demo": demo}
 
 
 def main() -> None:

@@ -1,0 +1,193 @@
+"""Chain the bundles' stages from a pipeline file, resumably.
+
+A pipeline file (YAML) lists stages; each runs one bundle config through
+``python -m monai.bundle run`` with overrides, in its own log. A stage is skipped when a
+stamp (hash of its config files, overrides and input files) matches and its outputs exist;
+an interrupted training stage is simply run again and resumes from the checkpoint the bundle
+left. This module holds no stage logic: what a stage does lives in the bundle's config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES = Path(__file__).resolve().parent / "pipelines"
+
+
+@dataclass
+class Stage:
+    name: str
+    bundle: str | None = None  # bundle folder under bundles/, or None for a built-in step
+    configs: list[str] = field(default_factory=list)  # config files under the bundle's configs/
+    overrides: dict[str, Any] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)  # files/folders whose content changes the result
+    outputs: list[str] = field(default_factory=list)  # must exist once the stage is done
+    builtin: str | None = None  # "synth" or "report"
+    args: dict[str, Any] = field(default_factory=dict)  # arguments of a built-in step
+    nproc: int = 1  # >1: run under torchrun with this many processes
+
+
+def _substitute(value: Any, variables: dict[str, str]) -> Any:
+    """Replace ``{name}`` in strings (recursively) with pipeline variables; other braces are kept."""
+    if isinstance(value, str):
+        return re.sub(r"\{(\w+)\}", lambda m: str(variables.get(m.group(1), m.group(0))), value)
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    return value
+
+
+def load_pipeline(
+    path: str | Path, work: str | Path, extra_vars: dict | None = None
+) -> tuple[dict, list[Stage]]:
+    """Read a pipeline file; ``{work}``, ``{repo}`` and the file's ``vars`` are substituted."""
+    spec = yaml.safe_load(Path(path).read_text())
+    variables = {"work": str(Path(work).resolve()), "repo": str(REPO)}
+    for key, value in {**spec.get("vars", {}), **(extra_vars or {})}.items():
+        variables[key] = str(_substitute(value, variables))
+    stages = [Stage(**_substitute(s, variables)) for s in spec["stages"]]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: stage names must be unique")
+    return variables, stages
+
+
+def _signature(path: Path) -> list:
+    """Names, sizes and mtimes of a file or every file under a folder (ignoring hidden temp files)."""
+    if not path.exists():
+        return [str(path), None]
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    )
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def stage_stamp(stage: Stage) -> str:
+    """Hash of everything that determines a stage's result."""
+    content: dict[str, Any] = {"stage": stage.__dict__}
+    if stage.bundle:
+        cfg_dir = REPO / "bundles" / stage.bundle / "configs"
+        content["configs"] = {c: (cfg_dir / c).read_text() for c in stage.configs}
+    content["inputs"] = [_signature(Path(p)) for p in stage.inputs]
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def bundle_command(stage: Stage) -> list[str]:
+    """The ``python -m monai.bundle run`` command line of a bundle stage."""
+    root = REPO / "bundles" / stage.bundle
+    configs = [str(root / "configs" / c) for c in stage.configs]
+    config_arg = configs[0] if len(configs) == 1 else json.dumps(configs)
+    launcher = [sys.executable, "-m", "monai.bundle"]
+    if stage.nproc > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={stage.nproc}",
+            "-m",
+            "monai.bundle",
+        ]
+    cmd = [
+        *launcher,
+        "run",
+        "--config_file",
+        config_arg,
+        "--bundle_root",
+        str(root),
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+    ]
+    if (root / "configs" / "logging.conf").exists():
+        cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
+    for key, value in stage.overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return cmd
+
+
+class Runner:
+    """Runs the stages of one pipeline in one working folder (logs and stamps live there)."""
+
+    def __init__(self, pipeline: str | Path, work: str | Path, extra_vars: dict | None = None, echo=print):
+        self.work = Path(work).resolve()
+        self.variables, self.stages = load_pipeline(pipeline, self.work, extra_vars)
+        self.echo = echo
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work / "stamps").mkdir(parents=True, exist_ok=True)
+
+    def select(self, start: str | None = None, only: str | list[str] | None = None) -> list[Stage]:
+        names = [s.name for s in self.stages]
+        wanted = [only] if isinstance(only, str) else list(only or [])
+        wanted = [w for item in wanted for w in str(item).split(",") if w]
+        for name in [*wanted, *([start] if start else [])]:
+            if name not in names:
+                raise ValueError(f"unknown stage {name!r}; stages: {', '.join(names)}")
+        if wanted:
+            return [s for s in self.stages if s.name in wanted]
+        return self.stages[names.index(start) :] if start else list(self.stages)
+
+    def is_done(self, stage: Stage) -> bool:
+        stamp = self.work / "stamps" / f"{stage.name}.json"
+        if not stamp.exists() or not all(Path(p).exists() for p in stage.outputs):
+            return False
+        return json.loads(stamp.read_text()).get("hash") == stage_stamp(stage)
+
+    def run(
+        self, start: str | None = None, only: str | list[str] | None = None
+    ) -> list[tuple[str, str, float]]:
+        """Run the selected stages in order; returns (stage, status, seconds) rows."""
+        rows = []
+        for stage in self.select(start, only):
+            if self.is_done(stage):
+                self.echo(f"[skip] {stage.name}: unchanged")
+                rows.append((stage.name, "skipped", 0.0))
+                continue
+            t0 = time.time()
+            self.echo(f"[run ] {stage.name} (log: {self.work / 'logs' / (stage.name + '.log')})")
+            self._execute(stage)
+            missing = [p for p in stage.outputs if not Path(p).exists()]
+            if missing:
+                raise RuntimeError(f"stage {stage.name} finished but did not write {', '.join(missing)}")
+            stamp = self.work / "stamps" / f"{stage.name}.json"
+            tmp = stamp.with_name(f".tmp-{stamp.name}")
+            tmp.write_text(json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
+            os.replace(tmp, stamp)
+            rows.append((stage.name, "done", time.time() - t0))
+            self.echo(f"[done] {stage.name} in {time.time() - t0:.0f} s")
+        return rows
+
+    def _execute(self, stage: Stage) -> None:
+        log = self.work / "logs" / f"{stage.name}.log"
+        if stage.builtin:
+            from . import steps  # the CLI's own steps: synthetic data and the report
+
+            with log.open("w") as fh:
+                getattr(steps, stage.builtin)(log=lambda msg: print(msg, file=fh, flush=True), **stage.args)
+            return
+        cmd = bundle_command(stage)
+        root = REPO / "bundles" / stage.bundle
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        with log.open("w") as fh:
+            fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
+            fh.flush()
+            proc = subprocess.run(cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+            raise RuntimeError(
+                f"stage {stage.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}"
+            )
