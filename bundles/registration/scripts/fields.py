@@ -1,0 +1,265 @@
+"""Displacement-field formats: MONAI ddf, Learn2Reg field, ITK/ANTs displacement transform.
+
+All three describe the same pull-back mapping from the fixed grid into the moving image:
+
+* MONAI ddf: torch (3, D, H, W) [or (B, 3, D, H, W)], voxel units, ``warped(x) = moving(x + ddf(x))``
+  (``monai.networks.blocks.Warp``).
+* Learn2Reg field: numpy (D, H, W, 3), voxel units on the fixed grid, same mapping with scipy
+  ``map_coordinates`` (ij indexing); float16 or float32, NIfTI or npz.
+* ITK displacement field: physical mm in ITK's LPS frame, defined at the fixed grid's points:
+  ``T(p) = p + d(p)`` maps a fixed point to the moving point, which is what
+  ``itk.DisplacementFieldTransform``, ``antsApplyTransforms`` and 3D Slicer expect.
+
+The physical conversion uses the fixed image's affine (and, for scans resampled with a shifted
+moving affine, that world shift), never array flips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import scipy.ndimage
+import torch
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+L2R_NAME = re.compile(r"^(?P<name>.+)_(?P<subject>\d{4})_(?P<suffix>\d{4})\.nii(\.gz)?$")
+FIELD_EXTS = (".nii.gz", ".npz")
+
+
+# ----------------------------------------------------------------------------------------------
+# names
+# ----------------------------------------------------------------------------------------------
+def scan_id(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(subject, suffix) of a Learn2Reg-style name ``NAME_XXXX_YYYY.nii.gz``, else None.
+
+    The evaluator takes them from the last 16 characters (``[-16:-12]`` and ``[-11:-7]``).
+    """
+    name = Path(str(path)).name
+    if not L2R_NAME.match(name) or not name.endswith(".nii.gz"):
+        return None
+    return name[-16:-12], name[-11:-7]
+
+
+def _stem(path: str | os.PathLike) -> str:
+    name = Path(str(path)).name
+    for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".npz"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def pair_tag(fixed: str | os.PathLike, moving: str | os.PathLike, short: bool = False) -> str:
+    """``FFFF_0000_MMMM_0000`` (or ``FFFF_MMMM``) for Learn2Reg names, ``<fixed stem>_<moving stem>`` otherwise."""
+    f, m = scan_id(fixed), scan_id(moving)
+    if f is None or m is None:
+        return f"{_stem(fixed)}_{_stem(moving)}"
+    return f"{f[0]}_{m[0]}" if short else f"{f[0]}_{f[1]}_{m[0]}_{m[1]}"
+
+
+def field_name(
+    fixed: str | os.PathLike, moving: str | os.PathLike, short: bool = False, ext: str = ".nii.gz"
+) -> str:
+    """Learn2Reg field file name: ``disp_FFFF_0000_MMMM_0000.nii.gz`` (``disp_FFFF_MMMM`` when ``short``)."""
+    if ext not in FIELD_EXTS:
+        raise ValueError(f"field extension must be one of {FIELD_EXTS}, got {ext!r}")
+    return f"disp_{pair_tag(fixed, moving, short)}{ext}"
+
+
+def find_field(folder: str | os.PathLike, fixed: str, moving: str) -> Path:
+    """The field file of a pair in ``folder``, looked up as the official evaluator does.
+
+    The short name is accepted only when the suffixes are equal or fixed is ``0000`` and moving
+    ``0001``; the full name always; ``.nii.gz`` before ``.npz``.
+    """
+    folder = Path(folder)
+    f, m = scan_id(fixed), scan_id(moving)
+    candidates = []
+    short_ok = f is None or m is None or f[1] == m[1] or (f[1] == "0000" and m[1] == "0001")
+    for ext in FIELD_EXTS:
+        if short_ok:
+            candidates.append(folder / field_name(fixed, moving, short=True, ext=ext))
+        candidates.append(folder / field_name(fixed, moving, short=False, ext=ext))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"no displacement field for fixed {fixed} / moving {moving} in {folder} (tried {[c.name for c in candidates]})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# conversions
+# ----------------------------------------------------------------------------------------------
+def ddf_to_l2r(ddf: torch.Tensor | np.ndarray) -> np.ndarray:
+    """MONAI ddf (3, D, H, W) or (1, 3, D, H, W) -> Learn2Reg field (D, H, W, 3) float32."""
+    arr = ddf.detach().float().cpu().numpy() if isinstance(ddf, torch.Tensor) else np.asarray(ddf, np.float32)
+    if arr.ndim == 5:
+        if arr.shape[0] != 1:
+            raise ValueError(f"expected a single field, got batch of {arr.shape[0]}")
+        arr = arr[0]
+    if arr.ndim != 4 or arr.shape[0] != 3:
+        raise ValueError(f"expected a ddf of shape (3, D, H, W), got {arr.shape}")
+    return np.ascontiguousarray(np.moveaxis(arr, 0, -1), dtype=np.float32)
+
+
+def l2r_to_ddf(field: np.ndarray) -> torch.Tensor:
+    """Learn2Reg field (D, H, W, 3) -> MONAI ddf (3, D, H, W) float32 tensor."""
+    arr = np.asarray(field, np.float32)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"expected a Learn2Reg field of shape (D, H, W, 3), got {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))
+
+
+def voxel_to_world(
+    field: np.ndarray, fixed_affine: np.ndarray, world_shift: Sequence[float] | None = None
+) -> np.ndarray:
+    """Voxel displacement (D, H, W, 3) -> physical RAS displacement (mm) at the fixed points.
+
+    ``world(x + u) - world(x) = A u`` with ``A`` the fixed affine's linear part. ``world_shift`` (RAS,
+    mm) is the translation that was added to the moving affine before resampling it onto the fixed
+    grid (e.g. centre alignment): the true moving point is the resampled one minus that shift.
+    """
+    lin = np.asarray(fixed_affine, np.float64)[:3, :3]
+    disp = np.asarray(field, np.float64) @ lin.T
+    if world_shift is not None:
+        disp = disp - np.asarray(world_shift, np.float64)
+    return disp
+
+
+def world_to_voxel(disp_ras: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
+    """Physical RAS displacement (mm) at the fixed voxels -> voxel displacement on the fixed grid."""
+    inv = np.linalg.inv(np.asarray(fixed_affine, np.float64)[:3, :3])
+    return np.asarray(disp_ras, np.float64) @ inv.T
+
+
+# ----------------------------------------------------------------------------------------------
+# files (atomic: temp file in the same folder + os.replace)
+# ----------------------------------------------------------------------------------------------
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_nifti(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=None, intent: str | None = None
+) -> Path:
+    """Write a NIfTI with the given affine as sform and qform (atomically)."""
+    arr = np.asarray(array) if dtype is None else np.asarray(array).astype(dtype)
+    img = nib.Nifti1Image(arr, np.asarray(affine, np.float64))
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    if intent:
+        img.header.set_intent(intent)
+    return _atomic(Path(path), lambda tmp: nib.save(img, tmp))
+
+
+def save_l2r_field(
+    path: str | os.PathLike, field: np.ndarray, dtype: str = "float16", affine: np.ndarray | None = None
+) -> Path:
+    """Write a Learn2Reg field (D, H, W, 3): ``.nii.gz`` (nibabel) or ``.npz`` (one array, ``arr_0``).
+
+    NIfTI-1 has no float16 code: a float16 field is rounded to float16 and stored as float32 there.
+    """
+    arr = np.asarray(field).astype(dtype)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"expected a Learn2Reg field of shape (D, H, W, 3), got {arr.shape}")
+    path = Path(path)
+    if path.name.endswith(".npz"):
+        return _atomic(path, lambda tmp: np.savez_compressed(tmp, arr))
+    if not path.name.endswith(".nii.gz"):
+        raise ValueError(f"{path}: a Learn2Reg field is written as .nii.gz or .npz")
+    if arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    return save_nifti(path, arr, np.eye(4) if affine is None else affine)
+
+
+def load_l2r_field(path: str | os.PathLike) -> np.ndarray:
+    """Read a Learn2Reg field as the evaluator does (float64 for NIfTI, float32 for npz)."""
+    path = Path(path)
+    try:
+        if path.name.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                if len(data.files) != 1:
+                    raise ValueError(f"{path}: an npz field must hold exactly one array, found {data.files}")
+                field = data[data.files[0]].astype(np.float32)
+        else:
+            field = nib.load(str(path)).get_fdata()
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: unreadable displacement field ({exc})") from exc
+    field = np.squeeze(field, axis=3) if field.ndim == 5 and field.shape[3] == 1 else field
+    if field.ndim != 4 or field.shape[-1] != 3:
+        raise ValueError(f"{path}: expected a field of shape (D, H, W, 3), got {field.shape}")
+    if not np.isfinite(field).all():
+        raise ValueError(f"{path}: displacement field has NaN or infinite values")
+    return field
+
+
+def save_itk_displacement(
+    path: str | os.PathLike,
+    field: np.ndarray,
+    fixed_affine: np.ndarray,
+    world_shift: Sequence[float] | None = None,
+    convention: str = "ants",
+) -> Path:
+    """Write the ITK displacement-field transform of a voxel field (a vector NIfTI on the fixed grid).
+
+    ``convention="ants"``: intent ``vector`` with LPS components, byte for byte the form
+    ``antsRegistration`` writes (``*Warp.nii.gz``); read unchanged by every ITK/ANTs/Slicer version.
+    ``convention="nifti"``: intent ``displacement vector`` (NIfTI 1006) with RAS components, which
+    ITK >= 5.3 converts to LPS on reading (ITK 5.4 checked here), so it is the same transform.
+    """
+    disp_ras = voxel_to_world(field, fixed_affine, world_shift)
+    if convention == "ants":
+        values, intent = disp_ras @ RAS_TO_LPS.T, "vector"
+    elif convention == "nifti":
+        values, intent = disp_ras, "displacement vector"
+    else:
+        raise ValueError(f"convention must be 'ants' or 'nifti', got {convention!r}")
+    vec = values.astype(np.float32)[:, :, :, None, :]  # NIfTI vector layout (X, Y, Z, 1, 3)
+    return save_nifti(path, vec, fixed_affine, intent=intent)
+
+
+# ----------------------------------------------------------------------------------------------
+# applying a field
+# ----------------------------------------------------------------------------------------------
+def warp_array(moving: np.ndarray, field: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """``moving(x + u(x))`` on the fixed grid with scipy ``map_coordinates`` (the evaluator's convention).
+
+    order 1 (linear) for images, 0 (nearest) for labels; ``cval`` outside the moving scan. scipy
+    rather than MONAI ``Warp`` so that label warping is the evaluator's to the voxel (grid_sample's
+    nearest rounding differs at ties).
+    """
+    moving = np.asarray(moving)
+    field = np.asarray(field, np.float64)
+    if field.shape[:3] != moving.shape[:3] or field.shape[-1] != 3:
+        raise ValueError(f"field {field.shape} does not fit the moving array {moving.shape}")
+    coords = np.meshgrid(*(np.arange(s) for s in field.shape[:3]), indexing="ij") + field.transpose(
+        3, 0, 1, 2
+    )
+    src = moving if order == 0 else moving.astype(np.float32)
+    return scipy.ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=cval)
+
+
+def world_shift_of(moving_affine_original: np.ndarray, moving_affine_used: np.ndarray) -> np.ndarray:
+    """Translation (RAS mm) between the affine a moving scan was resampled with and its own one."""
+    diff = np.asarray(moving_affine_used, np.float64) - np.asarray(moving_affine_original, np.float64)
+    if not np.allclose(diff[:3, :3], 0, atol=1e-6):
+        raise ValueError("the moving affine was changed by more than a translation")
+    return diff[:3, 3]
