@@ -404,6 +404,8 @@ class RegistrationWriter:
                 fixed, moving, warped, field, pair_dir / "qc.png", spacing, title=f"{self.method}: {tag}"
             )
         row: dict = {"fixed": fixed_path, "moving": moving_path}
+        if self.write_fields:  # score the field as written (float16 rounding), as the evaluator reads it
+            field = field.astype(self.field_dtype).astype(np.float64)
         metrics = pair_metrics(
             field,
             np.rint(batch["fixed_label"][b, 0].numpy()) if has_labels else None,

@@ -1,0 +1,140 @@
+"""Field formats and geometry: a known translation and a known affine come back with the right
+direction as Learn2Reg voxels and as an ITK/ANTs physical transform on an oblique, LPS-flipped grid."""
+
+from __future__ import annotations
+
+import ants
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.networks.blocks import Warp
+from scipy.spatial.transform import Rotation
+
+from tests.bundle_import import import_bundle_module
+
+F = import_bundle_module("registration", "scripts.fields")
+S = import_bundle_module("registration", "scripts.syn")
+
+SHAPE = (30, 26, 34)
+INNER = (slice(4, -4),) * 3
+
+
+def oblique_affine() -> np.ndarray:
+    """Non-diagonal affine with flipped first two axes (an LPS-stored scan), anisotropic spacing."""
+    aff = np.eye(4)
+    aff[:3, :3] = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix() @ np.diag(
+        [-3.0, -2.5, 2.0]
+    )
+    aff[:3, 3] = [10.0, -20.0, 30.0]
+    return aff
+
+
+def blob(centre=(13, 12, 18)) -> np.ndarray:
+    g = np.indices(SHAPE).astype(float)
+    c = np.asarray(centre, float)[:, None, None, None]
+    return np.exp(-(((g - c) ** 2) / np.array([20.0, 30.0, 40.0])[:, None, None, None]).sum(0)) * 1000 - 500
+
+
+def test_names_and_lookup(tmp_path):
+    f, m = "imagesTr/AbdomenCTCT_0001_0000.nii.gz", "imagesTr/AbdomenCTCT_0004_0000.nii.gz"
+    assert F.field_name(f, m) == "disp_0001_0000_0004_0000.nii.gz"
+    assert F.field_name(f, m, short=True, ext=".npz") == "disp_0001_0004.npz"
+    assert F.field_name("a.nii.gz", "b.nii.gz") == "disp_a_b.nii.gz"
+    (tmp_path / "disp_0001_0004.nii.gz").touch()
+    assert F.find_field(tmp_path, f, m).name == "disp_0001_0004.nii.gz"
+    # short names are not accepted for suffixes 0001 -> 0000 (official rule)
+    with pytest.raises(FileNotFoundError):
+        F.find_field(tmp_path, "x/AbdomenCTCT_0001_0001.nii.gz", "x/AbdomenCTCT_0004_0000.nii.gz")
+
+
+def test_roundtrip_formats(tmp_path):
+    ddf = torch.randn(1, 3, 6, 5, 4)
+    field = F.ddf_to_l2r(ddf)
+    assert field.shape == (6, 5, 4, 3)
+    torch.testing.assert_close(F.l2r_to_ddf(field), ddf[0])
+    for name in ("disp.nii.gz", "disp.npz"):
+        F.save_l2r_field(tmp_path / name, field, dtype="float16")
+        back = F.load_l2r_field(tmp_path / name)
+        np.testing.assert_allclose(back, field.astype(np.float16).astype(np.float64), rtol=0, atol=0)
+    with np.load(tmp_path / "disp.npz") as z:
+        assert z.files == ["arr_0"] and z["arr_0"].dtype == np.float16
+
+
+def test_monai_warp_matches_l2r_convention():
+    """MONAI ``Warp`` with the ddf and scipy map_coordinates with the L2R field give the same image."""
+    moving = blob()
+    field = np.zeros((*SHAPE, 3), np.float32)
+    field[..., 0], field[..., 2] = 2.0, -1.5
+    ours = F.warp_array(moving, field, order=1, cval=-500)
+    mon = Warp(mode="bilinear", padding_mode="border")(
+        torch.from_numpy(moving[None, None].astype(np.float32)), F.l2r_to_ddf(field)[None]
+    )[0, 0].numpy()
+    np.testing.assert_allclose(mon[INNER], ours[INNER], atol=1e-2)
+
+
+@pytest.mark.parametrize("convention", ["ants", "nifti"])
+def test_known_translation_both_formats(tmp_path, convention):
+    aff = oblique_affine()
+    moving = blob()
+    field = np.zeros((*SHAPE, 3))
+    field[..., 0] = 2.0  # warped(x) = moving(x + 2 e0): the blob moves by -2 voxels along axis 0
+    warped = F.warp_array(moving, field, order=1, cval=-500)
+    assert np.unravel_index(np.argmax(warped), SHAPE) == (11, 12, 18)
+
+    path = F.save_itk_displacement(tmp_path / "tx.nii.gz", field, aff, convention=convention)
+    hdr = nib.load(path).header
+    assert hdr.get_intent()[0] == ("vector" if convention == "ants" else "displacement vector")
+    np.testing.assert_allclose(nib.load(path).affine, aff, atol=1e-5)
+    stored = nib.load(path).get_fdata()[..., 0, :]
+    expected_ras = aff[:3, :3] @ np.array([2.0, 0, 0])
+    expected = F.RAS_TO_LPS @ expected_ras if convention == "ants" else expected_ras
+    np.testing.assert_allclose(stored[5, 6, 7], expected, atol=1e-4)
+
+    # ITK maps the fixed point to the moving point (LPS)
+    disp = itk.imread(str(path), itk.Vector[itk.F, 3])
+    tx = itk.DisplacementFieldTransform[itk.F, 3].New()
+    tx.SetDisplacementField(disp)
+    x = np.array([10.0, 10.0, 10.0])
+    p_fixed = F.RAS_TO_LPS @ (aff @ np.append(x, 1))[:3]
+    p_moving = F.RAS_TO_LPS @ (aff @ np.append(x + [2, 0, 0], 1))[:3]
+    np.testing.assert_allclose(np.array(tx.TransformPoint([float(v) for v in p_fixed])), p_moving, atol=1e-3)
+
+    # antsApplyTransforms with our file reproduces our warped image
+    out = ants.apply_transforms(
+        fixed=S.to_ants(np.zeros(SHAPE), aff),
+        moving=S.to_ants(moving, aff),
+        transformlist=[str(path)],
+        defaultvalue=-500,
+    ).numpy()
+    np.testing.assert_allclose(out[INNER], warped[INNER], atol=0.05)
+
+
+def test_known_affine_both_formats(tmp_path):
+    aff = oblique_affine()
+    fixed = blob()
+    # moving = fixed seen through a known voxel affine y = R x + t (pull back: fixed(x) = moving(R x + t))
+    rot = Rotation.from_euler("z", 8, degrees=True).as_matrix() * 1.05
+    centre = (np.asarray(SHAPE) - 1) / 2
+    t = centre - rot @ centre + np.array([1.5, -1.0, 0.5])
+    grid = np.indices(SHAPE).reshape(3, -1).astype(float)
+    field = ((rot @ grid + t[:, None]) - grid).T.reshape(*SHAPE, 3)
+    inv = np.linalg.inv(rot)
+    inv_field = ((inv @ (grid - t[:, None])) - grid).T.reshape(*SHAPE, 3)
+    moving = F.warp_array(fixed, inv_field, order=1, cval=-500)  # moving(y) = fixed(R^-1 (y - t))
+    warped = F.warp_array(moving, field, order=1, cval=-500)
+    inner = (slice(7, -7),) * 3
+    assert np.corrcoef(warped[inner].ravel(), fixed[inner].ravel())[0, 1] > 0.995
+
+    path = F.save_itk_displacement(tmp_path / "tx.nii.gz", field, aff)
+    out = ants.apply_transforms(
+        fixed=S.to_ants(np.zeros(SHAPE), aff),
+        moving=S.to_ants(moving, aff),
+        transformlist=[str(path)],
+        defaultvalue=-500,
+    ).numpy()
+    np.testing.assert_allclose(out[inner], warped[inner], atol=0.5)
+    # the physical field is the voxel field through the affine, and back
+    ras = F.voxel_to_world(field, aff)
+    np.testing.assert_allclose(F.world_to_voxel(ras, aff), field, atol=1e-9)
