@@ -1,0 +1,152 @@
+"""Datalist reading, cohort-weighted sampling and batch preparation for partial-label training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = [
+    "PATH_KEYS",
+    "load_datalist",
+    "labelled_items",
+    "image_items",
+    "CohortSampler",
+    "PartialLabelBatch",
+    "latest_checkpoint",
+    "existing",
+]
+
+# Keys whose values are file paths relative to the datalist's folder (data/README.md).
+PATH_KEYS = ("image", "label", "pseudo_label", "fixed", "moving", "fixed_label", "moving_label")
+
+
+def _resolve(item: dict, base: Path) -> dict:
+    return {k: str(base / v) if k in PATH_KEYS and isinstance(v, str) else v for k, v in item.items()}
+
+
+def load_datalist(datalist: str | os.PathLike, key: str = "training") -> list[dict]:
+    """Items of list ``key`` with path keys made absolute.
+
+    ``monai.data.load_decathlon_datalist`` would also turn ``"cohort": "l2r"`` into a path
+    whenever a folder ``l2r`` sits beside the JSON (it does, in the preprocessed layout).
+    """
+    path = Path(datalist)
+    data = json.loads(path.read_text())
+    return [_resolve(item, path.parent.resolve()) for item in data.get(key, [])]
+
+
+def labelled_items(datalist: str | os.PathLike, key: str = "training") -> list[dict]:
+    """Items that have a label map (image-only cohorts cannot train the segmentation)."""
+    items = [it for it in load_datalist(datalist, key) if it.get("label")]
+    for it in items:
+        it.setdefault("annotated", None)
+        if it["annotated"] is None:
+            it["annotated"] = [1] * 13
+        it.setdefault("cohort", "default")
+    return items
+
+
+def image_items(datalist: str | os.PathLike, keys: Sequence[str] = ("training", "validation")) -> list[dict]:
+    """One ``{image, cohort, case}`` item per distinct image of the given lists (for inference)."""
+    seen: dict[str, dict] = {}
+    for key in keys:
+        for it in load_datalist(datalist, key):
+            if it["image"] in seen:
+                continue
+            case = it.get("case") or re.sub(r"(\.nii)?(\.gz)?$", "", Path(it["image"]).name)
+            seen[it["image"]] = {"image": it["image"], "cohort": it.get("cohort", "default"), "case": case}
+    return list(seen.values())
+
+
+class CohortSampler(DistributedSampler):
+    """Draws training items with replacement so that each cohort gets a configurable share.
+
+    ``weights`` maps cohort name to its relative share (missing cohorts: 1.0); an item's
+    probability is its cohort's share divided by the cohort's size, so a big cohort does not
+    drown the small ones. Works with and without ``torch.distributed`` (each rank takes an
+    interleaved slice of the same draw); a ``DistributedSampler`` subclass so that MONAI's
+    workflows call ``set_epoch`` and every epoch draws anew, reproducibly (also after resume).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        weights: Mapping[str, float] | None = None,
+        num_samples: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+        cohort_key: str = "cohort",
+    ) -> None:
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        cohorts = [str(it.get(cohort_key, "default")) for it in dataset.data]  # type: ignore[attr-defined]
+        counts = Counter(cohorts)
+        weights = dict(weights or {})
+        self.item_weights = torch.tensor([float(weights.get(c, 1.0)) / counts[c] for c in cohorts])
+        if not (self.item_weights > 0).any():
+            raise ValueError("every cohort has weight 0")
+        total = len(cohorts) if num_samples is None else int(num_samples)
+        self.num_samples = math.ceil(total / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.multinomial(self.item_weights, self.total_size, replacement=True, generator=g)
+        return iter(order[self.rank : self.total_size : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class PartialLabelBatch:
+    """``prepare_batch`` for ``SupervisedTrainer``: hands the loss the label and the annotated vectors.
+
+    Returns ``(image, {"label": label, "annotated": (B, 13) float})``; the partial-label loss reads both.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", annotated_key: str = "annotated"):
+        self.keys = (image_key, label_key, annotated_key)
+
+    def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+        image_key, label_key, annotated_key = self.keys
+        image = batchdata[image_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        label = batchdata[label_key].to(device=device, non_blocking=non_blocking, **kwargs)
+        annotated = batchdata.get(annotated_key)
+        if annotated is not None:
+            if isinstance(annotated, (list, tuple)):  # default collate of python lists: one tensor per organ
+                annotated = torch.stack([torch.as_tensor(a) for a in annotated], dim=-1)
+            annotated = torch.as_tensor(annotated).float().to(device=device, non_blocking=non_blocking)
+        return image, {"label": label, "annotated": annotated}
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$") -> str | None:
+    """Path of the newest full training checkpoint in ``ckpt_dir`` (highest epoch), or None."""
+    best: tuple[int, str] | None = None
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    for f in folder.iterdir():
+        m = re.search(pattern, f.name)
+        if m and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), str(f))
+    return None if best is None else best[1]
+
+
+def existing(path: str | os.PathLike | None) -> str | None:
+    """``path`` if that file exists, else None (to make a checkpoint loader conditional in a config)."""
+    return str(path) if path and Path(path).is_file() else None
