@@ -1,0 +1,200 @@
+"""Symmetric gradient-field registration network (Estienne et al., Learn2Reg 2020), from MONAI blocks.
+
+The decoder predicts, per axis, the *spatial gradient* of the sampling grid through a sigmoid;
+the grid is the cumulative sum of those gradients along each axis, so every axis mapping is
+strictly increasing (no folding along an axis by construction). A zero-initialised head gives
+sigmoid(0) = 0.5 everywhere, which this module scales to a step of exactly one voxel: the
+identity transform at the start of training.
+
+Conventions (shared with every network of the bundle, so warping, losses and metrics are shared):
+input is one tensor (B, 2*C, D, H, W) with the moving channels first, then the fixed channels;
+output is a dense displacement field (B, 3, D, H, W) in voxel units of the fixed grid,
+``warped(x) = moving(x + ddf(x))`` as ``monai.networks.blocks.Warp`` applies it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+__all__ = ["GradientRegNet", "gradient_to_ddf", "ddf_to_gradient_identity", "IDENTITY_GRADIENT"]
+
+# sigmoid(0): the gradient value of the identity transform (scaled to one voxel per voxel).
+IDENTITY_GRADIENT = 0.5
+
+
+def gradient_to_ddf(gradient: torch.Tensor) -> torch.Tensor:
+    """Integrate a gradient field (B, 3, *spatial) in (0, 1) to a voxel displacement field.
+
+    Channel ``i`` is the step of the sampling position along spatial axis ``i`` between consecutive
+    voxels, in units of half a voxel (so 0.5 is a one-voxel step). The sampling position of voxel
+    ``k`` along axis ``i`` is ``p_i(k) = sum_{j<=k} 2 g_i(j) - 1``, so a constant 0.5 gives
+    ``p_i(k) = k`` exactly (the identity; the paper's grid rescaled to [-1, 1] is this ``p``
+    under ``align_corners=True``), and ``ddf_i(k) = p_i(k) - k``.
+    """
+    spatial = gradient.shape[2:]
+    if gradient.shape[1] != len(spatial):
+        raise ValueError(f"gradient needs one channel per spatial axis, got shape {tuple(gradient.shape)}")
+    out = []
+    for axis, size in enumerate(spatial):
+        pos = torch.cumsum(2.0 * gradient[:, axis], dim=axis + 1) - 1.0
+        shape = [1] * len(spatial)
+        shape[axis] = size
+        idx = torch.arange(size, device=gradient.device, dtype=pos.dtype).view(1, *shape)
+        out.append(pos - idx)
+    return torch.stack(out, dim=1)
+
+
+def ddf_to_gradient_identity(like: torch.Tensor) -> torch.Tensor:
+    """The identity gradient field shaped like ``like`` (B, 3, *spatial): the regulariser's target."""
+    return torch.full_like(like, IDENTITY_GRADIENT)
+
+
+class _ConvStack(nn.Module):
+    """``n`` 3x3x3 conv + norm + act blocks with a residual add around them (a V-Net stage)."""
+
+    def __init__(self, channels: int, n: int, norm, act, first_in: int | None = None) -> None:
+        super().__init__()
+        first_in = channels if first_in is None else first_in
+        self.proj = (
+            nn.Identity()
+            if first_in == channels
+            else Convolution(3, first_in, channels, kernel_size=1, conv_only=True)
+        )
+        layers = [
+            Convolution(3, first_in if i == 0 else channels, channels, kernel_size=3, norm=norm, act=act)
+            for i in range(max(n, 1))
+        ]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x) + self.proj(x)
+
+
+class _Down(nn.Module):
+    """2x2x2 stride-2 conv, then ``n`` 3x3x3 convs with a residual add."""
+
+    def __init__(self, cin: int, cout: int, n: int, norm, act) -> None:
+        super().__init__()
+        self.down = Convolution(3, cin, cout, strides=2, kernel_size=2, padding=0, norm=norm, act=act)
+        self.stack = _ConvStack(cout, n, norm, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stack(self.down(x))
+
+
+class _Up(nn.Module):
+    """2x2x2 stride-2 transposed conv, concatenation with the merged skip, ``n`` 3x3x3 convs."""
+
+    def __init__(self, cin: int, cout: int, n: int, norm, act) -> None:
+        super().__init__()
+        self.up = Convolution(
+            3, cin, cout, strides=2, kernel_size=2, padding=0, output_padding=0, norm=norm, act=act, is_transposed=True
+        )
+        self.stack = _ConvStack(cout, n, norm, act, first_in=2 * cout)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.stack(torch.cat([self.up(x), skip], dim=1))
+
+
+class GradientRegNet(nn.Module):
+    """Shared-weight encoder, subtraction merge (moving - fixed) at every scale, sigmoid gradient heads.
+
+    Args:
+        in_channels: channels of ONE image (3 with the three CT windows, 1 without).
+        channel_multiplier: widths are ``base_channels`` times this (8 in the paper).
+        base_channels: widths of the input block and the 4 down levels.
+        blocks_per_level: 3x3x3 convs after each stride-2 conv (encoder; decoder mirrors them).
+        deep_supervision: in training mode also return the fields of the coarser decoder levels.
+        symmetric: in training mode also return the fixed->moving field (merge order swapped).
+        norm, act: MONAI layer factory names.
+
+    ``forward`` returns the ddf tensor in eval mode. In training mode it returns a dict:
+    ``ddf`` (finest level), ``ddfs`` and ``gradients`` (one per supervised level, finest first,
+    all at full resolution), and with ``symmetric`` the same three under ``*_sym`` for
+    fixed->moving (``warped_fixed(x) = fixed(x + ddf_sym(x))`` on the moving grid).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channel_multiplier: int = 8,
+        base_channels: Sequence[int] = (4, 8, 16, 32, 64),
+        blocks_per_level: Sequence[int] = (1, 2, 3, 2),
+        deep_supervision: bool = True,
+        symmetric: bool = False,
+        norm: str | tuple = "INSTANCE",
+        act: str | tuple = "RELU",
+    ) -> None:
+        super().__init__()
+        if len(base_channels) != len(blocks_per_level) + 1:
+            raise ValueError("base_channels needs one more entry than blocks_per_level (the input block)")
+        ch = [int(c * channel_multiplier) for c in base_channels]
+        self.in_channels = in_channels
+        self.deep_supervision = deep_supervision
+        self.symmetric = symmetric
+        self.factor = 2 ** len(blocks_per_level)
+        # encoder (shared by moving and fixed)
+        self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels)
+        self.down = nn.ModuleList(
+            _Down(ch[i], ch[i + 1], n, norm, act) for i, n in enumerate(blocks_per_level)
+        )
+        # decoder: from the deepest level up, mirroring the encoder's conv counts
+        levels = len(blocks_per_level)
+        self.up = nn.ModuleList(
+            _Up(ch[i + 1], ch[i], blocks_per_level[i], norm, act) for i in reversed(range(levels))
+        )
+        # one gradient head per decoder output (coarsest first); only the last one without deep supervision
+        head_ch = [ch[i] for i in reversed(range(levels))]
+        self.heads = nn.ModuleList(Convolution(3, c, 3, kernel_size=3, conv_only=True) for c in head_ch)
+        for head in self.heads:  # zero init: every level starts at the identity
+            nn.init.zeros_(head.conv.weight)
+            nn.init.zeros_(head.conv.bias)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.input_block(x)]
+        for block in self.down:
+            feats.append(block(feats[-1]))
+        return feats
+
+    def decode(self, merged: list[torch.Tensor], size: Sequence[int], all_levels: bool) -> list[torch.Tensor]:
+        """Gradient fields at full resolution (finest first), cropped to ``size`` (the unpadded input)."""
+        x = merged[-1]
+        grads = []
+        n = len(self.up)
+        for k, (up, head) in enumerate(zip(self.up, self.heads, strict=True)):
+            x = up(x, merged[n - 1 - k])
+            if k == n - 1 or all_levels:
+                g = torch.sigmoid(head(x))
+                if g.shape[2:] != merged[0].shape[2:]:
+                    g = F.interpolate(g, size=merged[0].shape[2:], mode="trilinear", align_corners=False)
+                grads.append(g[(..., *[slice(0, s) for s in size])])
+        return grads[::-1]
+
+    def forward(self, x: torch.Tensor):
+        c = self.in_channels
+        if x.shape[1] != 2 * c:
+            raise ValueError(f"expected {2 * c} channels (moving then fixed), got {x.shape[1]}")
+        size = x.shape[2:]
+        pad = [(-s) % self.factor for s in size]
+        if any(pad):  # pad at the end of each axis to a multiple of 2**levels; fields are cropped back
+            x = F.pad(x, [p for s in reversed(pad) for p in (0, s)], mode="replicate")
+        b = x.shape[0]
+        feats = self.encode(torch.cat([x[:, :c], x[:, c:]], dim=0))  # one pass, shared weights
+        diff = [f[:b] - f[b:] for f in feats]  # moving - fixed
+        all_levels = self.training and self.deep_supervision
+        grads = self.decode(diff, size, all_levels)
+        if not self.training:
+            return gradient_to_ddf(grads[0])
+        out = {"gradients": grads, "ddfs": [gradient_to_ddf(g) for g in grads]}
+        out["ddf"] = out["ddfs"][0]
+        if self.symmetric:
+            grads_sym = self.decode([-d for d in diff], size, all_levels)  # fixed - moving
+            out["gradients_sym"] = grads_sym
+            out["ddfs_sym"] = [gradient_to_ddf(g) for g in grads_sym]
+            out["ddf_sym"] = out["ddfs_sym"][0]
+        return out
