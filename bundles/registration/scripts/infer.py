@@ -39,7 +39,11 @@ from scripts.qc import qc_figure
 logger = logging.getLogger("registration.infer")
 
 IMAGE_KEYS = ("fixed", "moving")
-LABEL_KEYS = ("fixed_label", "moving_label")
+LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
+# Inside the pipeline labels and paths get names that do not start with "fixed_"/"moving_": MONAI's
+# Spacingd treats every "<key>_*" entry as a meta dict of <key>.
+SEG = {"fixed": "seg_fixed", "moving": "seg_moving"}
+LOADED = {"fixed": "fixed", "moving": "moving", "fixed_label": SEG["fixed"], "moving_label": SEG["moving"]}
 
 
 class InputError(ValueError):
@@ -124,7 +128,7 @@ def load_pairs(
 class LoadScand(MapTransform):
     """Load scans as channel-first MetaTensors, rejecting unreadable, non-3D or non-finite data by file name."""
 
-    def __init__(self, keys: Sequence[str], allow_missing_keys: bool = True) -> None:
+    def __init__(self, keys: Sequence[str] = tuple(LOADED), allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
 
@@ -145,8 +149,9 @@ class LoadScand(MapTransform):
             bad = int(img.numel() - torch.isfinite(img).sum())
             if bad:
                 raise InputError(f"{path}: {key} has {bad} NaN or infinite voxels")
-            d[key] = img
-            d[f"{key}_path"] = str(path)
+            del d[key]
+            d[LOADED.get(key, key)] = img
+            d[f"path_{LOADED.get(key, key)}"] = str(path)
         return d
 
 
@@ -157,7 +162,7 @@ class AlignCentersd(MapTransform):
     can fall outside the fixed field of view. The shift is part of the transform we write.
     """
 
-    def __init__(self, keys: Sequence[str] = ("moving", "moving_label"), ref_key: str = "fixed") -> None:
+    def __init__(self, keys: Sequence[str] = ("moving", SEG["moving"]), ref_key: str = "fixed") -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.ref_key = ref_key
 
@@ -173,7 +178,7 @@ class AlignCentersd(MapTransform):
             aff = d[key].affine.clone()
             aff[:3, 3] += torch.as_tensor(shift, dtype=aff.dtype)
             d[key].affine = aff
-        d["moving_world_shift"] = torch.as_tensor(shift, dtype=torch.float64)
+        d["world_shift"] = torch.as_tensor(shift, dtype=torch.float64)
         return d
 
 
@@ -186,8 +191,8 @@ class CheckSameGridd(MapTransform):
         for key in self.key_iterator(d):
             if tuple(d[key].shape[1:]) != ref:
                 raise InputError(
-                    f"{d.get(f'{key}_path', key)}: shape {tuple(d[key].shape[1:])} differs from the fixed scan "
-                    f"{d.get('fixed_path', '')} {ref}; pass preprocessed=false to resample from the affines"
+                    f"{d.get(f'path_{key}', key)}: shape {tuple(d[key].shape[1:])} differs from the fixed scan "
+                    f"{d.get('path_fixed', '')} {ref}; pass preprocessed=false to resample from the affines"
                 )
         return d
 
@@ -207,24 +212,23 @@ def pair_transforms(
     (and labels) is resampled once onto that grid with ``ResampleToMatchd``. ``ResampleToMatch``
     pads with zeros, so images are shifted by ``-pad_value`` around it to pad with air.
     """
-    keys = [*IMAGE_KEYS, *LABEL_KEYS]
-    xforms: list = [LoadScand(keys)]
+    xforms: list = [LoadScand()]
     if preprocessed:
-        return [*xforms, CheckSameGridd(["moving", *LABEL_KEYS], allow_missing_keys=True)]
+        return [*xforms, CheckSameGridd(["moving", *SEG.values()], allow_missing_keys=True)]
     if axcodes:
-        xforms.append(Orientationd(["fixed", "fixed_label"], axcodes=axcodes, allow_missing_keys=True))
+        xforms.append(Orientationd(["fixed", SEG["fixed"]], axcodes=axcodes, allow_missing_keys=True))
     xforms += [
         Spacingd(
-            ["fixed", "fixed_label"], pixdim=pixdim, mode=["bilinear", "nearest"], allow_missing_keys=True
+            ["fixed", SEG["fixed"]], pixdim=pixdim, mode=["bilinear", "nearest"], allow_missing_keys=True
         ),
         ShiftIntensityd(IMAGE_KEYS, offset=-pad_value),
-        ResizeWithPadOrCropd(["fixed", "fixed_label"], spatial_size=spatial_size, allow_missing_keys=True),
+        ResizeWithPadOrCropd(["fixed", SEG["fixed"]], spatial_size=spatial_size, allow_missing_keys=True),
     ]
     if align_centers:
         xforms.append(AlignCentersd())
     xforms += [
         ResampleToMatchd(
-            ["moving", "moving_label"],
+            ["moving", SEG["moving"]],
             key_dst="fixed",
             mode=["bilinear", "nearest"],
             padding_mode="zeros",
@@ -242,7 +246,7 @@ def pair_transforms(
 class PairBatch:
     """``prepare_batch``: network input = moving channels then fixed channels, one tensor."""
 
-    def __init__(self, moving_key: str = "moving_input", fixed_key: str = "fixed_input") -> None:
+    def __init__(self, moving_key: str = "input_moving", fixed_key: str = "input_fixed") -> None:
         self.moving_key, self.fixed_key = moving_key, fixed_key
 
     def __call__(self, batch: dict, device=None, non_blocking: bool = False, **kwargs):
@@ -271,7 +275,7 @@ class FieldFolderIteration:
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         ddfs = []
-        for fixed, moving in zip(batch["fixed_path"], batch["moving_path"], strict=True):
+        for fixed, moving in zip(batch["path_fixed"], batch["path_moving"], strict=True):
             field = F.load_l2r_field(F.find_field(self.field_dir, fixed, moving))
             if tuple(field.shape[:3]) != tuple(batch["fixed"].shape[2:]):
                 raise InputError(
@@ -374,12 +378,12 @@ class RegistrationWriter:
 
     def write_pair(self, batch: dict, b: int, field: np.ndarray, extra: dict | None = None) -> dict:
         """All per-pair outputs of item ``b`` of ``batch``; returns its metrics row."""
-        fixed_path, moving_path = batch["fixed_path"][b], batch["moving_path"][b]
+        fixed_path, moving_path = batch["path_fixed"][b], batch["path_moving"][b]
         fixed_img = batch["fixed"][b]
         affine = np.asarray(fixed_img.affine, np.float64)
         spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
         fixed, moving = fixed_img[0].numpy(), batch["moving"][b, 0].numpy()
-        shift = batch.get("moving_world_shift")
+        shift = batch.get("world_shift")
         shift = None if shift is None else np.asarray(shift[b], np.float64)
         tag = F.pair_tag(fixed_path, moving_path)
         pair_dir = self.output_dir / "pairs" / tag
@@ -393,10 +397,10 @@ class RegistrationWriter:
         warped = F.warp_array(moving, field, order=1, cval=self.pad_value)
         if self.write_images:
             F.save_nifti(pair_dir / "warped_image.nii.gz", np.round(warped).astype(np.int16), affine)
-        has_labels = "fixed_label" in batch and "moving_label" in batch
-        if "moving_label" in batch and self.write_images:
+        has_labels = SEG["fixed"] in batch and SEG["moving"] in batch
+        if SEG["moving"] in batch and self.write_images:
             warped_lab = F.warp_array(
-                np.rint(batch["moving_label"][b, 0].numpy()).astype(np.uint8), field, order=0
+                np.rint(batch[SEG["moving"]][b, 0].numpy()).astype(np.uint8), field, order=0
             )
             F.save_nifti(pair_dir / "warped_label.nii.gz", warped_lab, affine, dtype=np.uint8)
         if self.write_qc:
@@ -408,8 +412,8 @@ class RegistrationWriter:
             field = field.astype(self.field_dtype).astype(np.float64)
         metrics = pair_metrics(
             field,
-            np.rint(batch["fixed_label"][b, 0].numpy()) if has_labels else None,
-            np.rint(batch["moving_label"][b, 0].numpy()) if has_labels else None,
+            np.rint(batch[SEG["fixed"]][b, 0].numpy()) if has_labels else None,
+            np.rint(batch[SEG["moving"]][b, 0].numpy()) if has_labels else None,
             self.labels,
             spacing,
         )

@@ -1,0 +1,182 @@
+"""Inference and evaluation configs end to end (tiny data, untrained stand-in network), outputs,
+geometry of one raw pair, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import ants
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.bundle_import import bundle_dir, import_bundle_module, run_bundle
+
+F = import_bundle_module("registration", "scripts.fields")
+S = import_bundle_module("registration", "scripts.syn")
+
+# A tiny MONAI network standing in for the trained model (zero-initialised output: identity field).
+STANDIN = {
+    "network_def": {
+        "_target_": "LocalNet",
+        "spatial_dims": 3,
+        "in_channels": 2,
+        "out_channels": 3,
+        "num_channel_initial": 4,
+        "extract_levels": [2],
+        "out_activation": None,
+        "out_kernel_initializer": "zeros",
+    },
+    "input_windows": [[400, 40]],
+    "require_checkpoint": False,
+}
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "standin.json"
+    path.write_text(json.dumps(STANDIN))
+    return path
+
+
+def configs(stage: str, standin: Path) -> list[str]:
+    common = bundle_dir("registration") / "configs" / "common.json"
+    return ([common.name] if common.exists() else []) + [stage, str(standin)]
+
+
+def test_evaluate_model_and_field_folder(tiny_preprocessed, standin, tmp_path):
+    out = tmp_path / "model"
+    run_bundle(
+        "registration",
+        configs("evaluate.json", standin),
+        {"datalist": str(tiny_preprocessed), "output_dir": str(out)},
+    )
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["summary"]["num_pairs"] == 3
+    # identity network: DSC is the unregistered DSC, no folding
+    assert data["summary"]["dice"] == pytest.approx(data["summary"]["dice_initial"])
+    assert data["summary"]["fold_fraction"] == 0.0 and (out / "metrics.csv").is_file()
+    fields = sorted((out / "submission").iterdir())
+    assert len(fields) == 3
+
+    # the same config scores a folder of fields from any method: zero fields -> the same numbers
+    zero_dir = tmp_path / "zero_fields"
+    for f in fields:
+        F.save_l2r_field(
+            zero_dir / f.name.replace(".nii.gz", ".npz"), np.zeros(nib.load(f).shape, np.float32)
+        )
+    scored = tmp_path / "scored"
+    run_bundle(
+        "registration",
+        configs("evaluate.json", standin),
+        {"datalist": str(tiny_preprocessed), "output_dir": str(scored), "field_dir": str(zero_dir)},
+    )
+    again = json.loads((scored / "metrics.json").read_text())
+    assert again["summary"]["dice"] == pytest.approx(data["summary"]["dice"])
+    assert again["method"].startswith("fields:") and not (scored / "submission").exists()
+
+
+def test_inference_submission_folder(tiny_preprocessed, standin, tmp_path):
+    out = tmp_path / "inf"
+    run_bundle(
+        "registration",
+        configs("inference.json", standin),
+        {"pairs_file": str(tiny_preprocessed), "pairs_key": "registration_val", "output_dir": str(out)},
+    )
+    datalist = json.loads(Path(tiny_preprocessed).read_text())
+    shape = tuple(datalist["shape"])
+    expected = {F.field_name(p["fixed"], p["moving"]) for p in datalist["registration_val"]}
+    assert {p.name for p in (out / "submission").iterdir()} == expected
+    for name in expected:
+        field = nib.load(out / "submission" / name)
+        assert field.shape == (*shape, 3)
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert set(zf.namelist()) == expected
+    pair = datalist["registration_val"][0]
+    pair_dir = out / "pairs" / F.pair_tag(pair["fixed"], pair["moving"])
+    fixed = nib.load(Path(tiny_preprocessed).parent / pair["fixed"])
+    for name in ("warped_image.nii.gz", "warped_label.nii.gz", "itk_displacement.nii.gz"):
+        np.testing.assert_allclose(nib.load(pair_dir / name).affine, fixed.affine, atol=1e-4)
+    assert (pair_dir / "qc.png").stat().st_size > 10_000 and (pair_dir / "metrics.json").is_file()
+
+
+def _scan(path: Path, axcodes_flip: bool, spacing, shape, centre_ras, offset=(0, 0, 0)) -> np.ndarray:
+    """A box phantom: body (0 HU) with an organ (label 1, 80 HU), written with its own orientation/spacing."""
+    aff = np.diag([*spacing, 1.0])
+    if axcodes_flip:
+        aff[:2] *= -1  # LPS-stored
+    aff[:3, 3] = np.asarray(centre_ras) - aff[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    ijk = np.indices(shape).reshape(3, -1)
+    ras = (
+        (aff[:3, :3] @ ijk + aff[:3, 3:4]).T.reshape(*shape, 3) - np.asarray(centre_ras) - np.asarray(offset)
+    )
+    body = (np.abs(ras) < [70, 55, 90]).all(-1)
+    organ = (np.abs(ras - [20, 10, 0]) < [18, 14, 24]).all(-1)
+    img = np.where(body, 0, -1000) + 80 * organ
+    nib.save(nib.Nifti1Image(img.astype(np.int16), aff), path)
+    nib.save(nib.Nifti1Image(organ.astype(np.uint8), aff), path.with_name(path.name.replace("img", "lab")))
+    return aff
+
+
+def test_one_raw_pair(standin, tmp_path):
+    # fixed LPS-stored 4 mm, moving RAS-stored 5x4x3 mm, far apart in scanner coordinates
+    _scan(tmp_path / "img_f.nii.gz", True, (4.0, 4.0, 4.0), (40, 32, 48), (0, 0, 0))
+    _scan(tmp_path / "img_m.nii.gz", False, (5.0, 4.0, 3.0), (32, 32, 64), (300, -50, 400), offset=(6, 0, 0))
+    out = tmp_path / "one"
+    run_bundle(
+        "registration",
+        configs("inference.json", standin),
+        {
+            "fixed": str(tmp_path / "img_f.nii.gz"),
+            "moving": str(tmp_path / "img_m.nii.gz"),
+            "fixed_label": str(tmp_path / "lab_f.nii.gz"),
+            "moving_label": str(tmp_path / "lab_m.nii.gz"),
+            "output_dir": str(out),
+            "pixdim": [6.0, 6.0, 6.0],
+            "spatial_size": [32, 28, 40],
+        },
+    )
+    pair_dir = out / "pairs" / "img_f_img_m"
+    assert (out / "submission" / "disp_img_f_img_m.nii.gz").is_file()
+    warped = nib.load(pair_dir / "warped_image.nii.gz")
+    assert warped.shape == (32, 28, 40)
+    assert np.allclose(np.abs(np.diag(warped.affine)[:3]), 6.0)
+    assert nib.aff2axcodes(warped.affine) == nib.aff2axcodes(nib.load(tmp_path / "img_f.nii.gz").affine)
+    metrics = json.loads((pair_dir / "metrics.json").read_text())
+    assert metrics["dice"] > 0.5  # centre alignment brought the organ in; identity network
+    # ANTs applying our ITK transform to the RAW moving scan gives our warped image (shift included)
+    ref = S.to_ants(np.zeros(warped.shape, np.float32), warped.affine)
+    raw = nib.load(tmp_path / "img_m.nii.gz")
+    res = ants.apply_transforms(
+        fixed=ref,
+        moving=S.to_ants(raw.get_fdata(), raw.affine),
+        transformlist=[str(pair_dir / "itk_displacement.nii.gz")],
+        defaultvalue=-1024,
+    ).numpy()
+    ours = warped.get_fdata()
+    inner = (slice(3, -3),) * 3
+    assert np.corrcoef(res[inner].ravel(), ours[inner].ravel())[0, 1] > 0.98
+
+
+@pytest.mark.parametrize("kind", ["2d", "nan", "unreadable"])
+def test_bad_input_names_the_file(standin, tmp_path, kind):
+    _scan(tmp_path / "img_f.nii.gz", False, (4.0, 4.0, 4.0), (20, 16, 24), (0, 0, 0))
+    bad = tmp_path / "bad_moving.nii.gz"
+    if kind == "2d":
+        nib.save(nib.Nifti1Image(np.zeros((20, 16), np.int16), np.eye(4)), bad)
+    elif kind == "nan":
+        arr = np.zeros((20, 16, 24), np.float32)
+        arr[3, 3, 3] = np.nan
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), bad)
+    else:
+        bad.write_bytes(b"not a nifti")
+    proc = run_bundle(
+        "registration",
+        configs("inference.json", standin),
+        {"fixed": str(tmp_path / "img_f.nii.gz"), "moving": str(bad), "output_dir": str(tmp_path / "o")},
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr + proc.stdout
