@@ -453,6 +453,7 @@ def checkpoint_handlers(
     """A ``CheckpointLoader`` for the trained weights; a missing file is an error unless not ``required``."""
     from monai.handlers import CheckpointLoader
 
+    required = str(required).strip().lower() not in ("false", "0", "no")  # the CLI may pass "false" as text
     if ckpt_path and os.path.isfile(ckpt_path):
         return [
             CheckpointLoader(
@@ -461,7 +462,7 @@ def checkpoint_handlers(
         ]
     if required:
         raise InputError(
-            f"{ckpt_path}: trained weights not found (pass --ckpt_path, or --require_checkpoint false to run untrained)"
+            f"{ckpt_path}: trained weights not found (pass --ckpt_path, or --require_checkpoint False to run untrained)"
         )
     logger.warning("no checkpoint at %s: running the network with its initial weights", ckpt_path)
     return []
