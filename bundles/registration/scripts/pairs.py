@@ -1,0 +1,248 @@
+"""Training and validation pairs from the preprocessed datalist (see data/README.md).
+
+Cases are loaded and cached once (``CacheDataset`` in memory, or ``PersistentDataset`` on disk,
+HU kept as int16 and labels as uint8 so that many cohorts fit); a pair is then assembled from
+two cached cases on the fly, so the number of possible pairs (quadratic in the cases) costs
+nothing to cache. Training pairs are random inter-patient pairs drawn with per-cohort weights,
+then ONE random crop is applied to both images and labels; validation pairs are the fixed
+``registration_val`` list at full volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import CastToTyped, Compose, EnsureTyped, LoadImaged, MapTransform, RandSpatialCropd
+
+__all__ = [
+    "PAIR_KEYS",
+    "load_cases",
+    "load_val_pairs",
+    "case_weights",
+    "case_transforms",
+    "case_dataset",
+    "PairDataset",
+    "pair_transforms",
+]
+
+# keys of one pair item: images, integer labels and the annotated vectors of both cases
+PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
+
+
+def _read(datalist: str | os.PathLike) -> tuple[dict, Path]:
+    path = Path(datalist).expanduser()
+    with open(path) as f:
+        return json.load(f), path.parent
+
+
+def _abs(root: Path, p: str | None) -> str | None:
+    if not p:
+        return None
+    q = Path(os.path.expanduser(p))
+    return str(q if q.is_absolute() else (root / q).resolve())
+
+
+def load_cases(
+    datalist: str | os.PathLike,
+    key: str = "training",
+    cohorts: Sequence[str] | None = None,
+    label_key: str | None = "label",
+    num_organs: int = 13,
+    exclude: Sequence[str] = (),
+) -> list[dict]:
+    """Cases of ``datalist[key]`` (absolute paths) as ``{"image", ["label"], "annotated", "cohort", "case"}``.
+
+    ``label_key`` picks the label map (``label``, or ``pseudo_label`` written by the
+    segmentation bundle; ``None`` for no labels). Pseudo labels predict every organ, so their
+    ``annotated`` vector is all ones unless the item carries ``<label_key>_annotated``. Items
+    without that label get no ``label`` and an all-zero ``annotated`` (image-only cohorts stay
+    usable for unsupervised training). ``key`` may name several lists joined by ``+``
+    (``training+validation`` for a final model on all labelled scans).
+    """
+    data, root = _read(datalist)
+    cases = []
+    for k in key.split("+"):
+        for item in data.get(k, []):
+            if cohorts and item.get("cohort") not in cohorts:
+                continue
+            if item.get("case") in exclude:
+                continue
+            out = {
+                "image": _abs(root, item["image"]),
+                "cohort": item.get("cohort", ""),
+                "case": item.get("case", Path(item["image"]).name),
+            }
+            label = _abs(root, item.get(label_key)) if label_key else None
+            if label:
+                out["label"] = label
+                if label_key == "label":
+                    annotated = item.get("annotated") or [1] * num_organs
+                else:
+                    annotated = item.get(f"{label_key}_annotated") or [1] * num_organs
+            else:
+                annotated = [0] * num_organs
+            out["annotated"] = [float(a) for a in annotated]
+            cases.append(out)
+    if not cases:
+        raise ValueError(f"{datalist}: no cases under {key!r}" + (f" for cohorts {list(cohorts)}" if cohorts else ""))
+    return cases
+
+
+def load_val_pairs(
+    datalist: str | os.PathLike, key: str = "registration_val", num_organs: int = 13
+) -> tuple[list[dict], list[tuple[int, int]]]:
+    """Unique cases of the pair list and (moving index, fixed index) per pair, for ``PairDataset``."""
+    data, root = _read(datalist)
+    cases: list[dict] = []
+    index: dict[str, int] = {}
+
+    def add(image: str, label: str | None) -> int:
+        image = _abs(root, image)
+        if image not in index:
+            index[image] = len(cases)
+            item = {"image": image, "case": Path(image).name.split(".")[0], "cohort": "l2r"}
+            label = _abs(root, label)
+            item["annotated"] = [1.0 if label else 0.0] * num_organs
+            if label:
+                item["label"] = label
+            cases.append(item)
+        return index[image]
+
+    pairs = []
+    for p in data.get(key, []):
+        m = add(p["moving"], p.get("moving_label"))
+        f = add(p["fixed"], p.get("fixed_label"))
+        pairs.append((m, f))
+    if not pairs:
+        raise ValueError(f"{datalist}: no pairs under {key!r}")
+    return cases, pairs
+
+
+def case_weights(cases: Sequence[Mapping], cohort_weights: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Sampling probability of each case: each cohort gets ``cohort_weights[cohort]`` of the mass.
+
+    Without weights every case is equally likely. A cohort missing from the mapping gets weight 1;
+    a weight of 0 leaves the cohort out. Within a cohort the mass is split evenly.
+    """
+    cohorts = [c.get("cohort", "") for c in cases]
+    if not cohort_weights:
+        w = np.ones(len(cases))
+    else:
+        counts = {k: cohorts.count(k) for k in set(cohorts)}
+        w = np.array([float(cohort_weights.get(k, 1.0)) / counts[k] for k in cohorts])
+    if w.sum() <= 0 or (w > 0).sum() < 2:
+        raise ValueError("cohort weights leave fewer than two cases to pair")
+    return torch.as_tensor(w / w.sum(), dtype=torch.float64)
+
+
+class EnsureLabeld(MapTransform):
+    """Give unlabelled cases an all-zero label map so that every batch collates the same keys."""
+
+    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([label_key], allow_missing_keys=True)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        if d.get(self.label_key) is None:
+            img = d[self.image_key]
+            d[self.label_key] = torch.zeros((1, *img.shape[1:]), dtype=torch.uint8)
+        return d
+
+
+def case_transforms(with_labels: bool = True) -> Compose:
+    """Load one case (channel first), HU as int16 and labels as uint8 to keep the cache small."""
+    keys = ["image", "label"] if with_labels else ["image"]
+    xs: list = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True, allow_missing_keys=True)]
+    if with_labels:
+        xs.append(EnsureLabeld())
+    xs += [
+        CastToTyped(keys=keys, dtype=[torch.int16, torch.uint8][: len(keys)], allow_missing_keys=True),
+        EnsureTyped(keys=keys, track_meta=False, allow_missing_keys=True),
+    ]
+    return Compose(xs)
+
+
+def case_dataset(
+    cases: Sequence[dict],
+    transform: Callable,
+    cache_rate: float = 1.0,
+    cache_dir: str | None = None,
+    num_workers: int | None = 0,
+) -> Dataset:
+    """Cached cases: on disk with ``cache_dir`` (``PersistentDataset``), else in memory (``CacheDataset``)."""
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(list(cases), transform=transform, cache_dir=cache_dir)
+    if cache_rate <= 0:
+        return Dataset(list(cases), transform=transform)
+    return CacheDataset(
+        list(cases), transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
+    )
+
+
+def pair_transforms(
+    crop_size: Sequence[int] | None, windowing: Callable | None = None, with_labels: bool = True
+) -> Compose:
+    """ONE random crop (same box for both images and labels, ``None`` = full volume), then windowing."""
+    keys = list(PAIR_KEYS if with_labels else PAIR_KEYS[:2])
+    xs: list = []
+    if crop_size is not None:
+        xs.append(RandSpatialCropd(keys=keys, roi_size=list(crop_size), random_size=False))
+    if windowing is not None:
+        xs.append(windowing)
+    return Compose(xs)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pairs of cached cases: random ``(moving, fixed)`` draws, or a fixed list of index pairs.
+
+    Random draws use torch's generator (seeded per DataLoader worker and per epoch by PyTorch), so
+    every epoch sees new pairs; ``length`` is the number of pairs per epoch. Both cases of a pair
+    are distinct. Each item carries both cases' ``annotated`` vectors and names.
+    """
+
+    def __init__(
+        self,
+        cases: Dataset,
+        transform: Callable | None = None,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        probs: torch.Tensor | None = None,
+        length: int | None = None,
+    ) -> None:
+        self.cases, self.transform, self.pairs = cases, transform, list(pairs) if pairs is not None else None
+        n = len(cases)
+        if self.pairs is None:
+            if n < 2:
+                raise ValueError("need at least two cases to make pairs")
+            self.probs = probs if probs is not None else torch.full((n,), 1.0 / n, dtype=torch.float64)
+            self.length = int(length) if length else n
+        else:
+            self.length = len(self.pairs)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _draw(self) -> tuple[int, int]:
+        m, f = torch.multinomial(self.probs, 2, replacement=False).tolist()
+        return m, f
+
+    def __getitem__(self, index: int) -> dict:
+        m, f = self.pairs[index] if self.pairs is not None else self._draw()
+        mc, fc = self.cases[m], self.cases[f]
+        item: dict[str, Any] = {}
+        for prefix, c in (("moving", mc), ("fixed", fc)):
+            item[prefix] = c["image"]
+            if "label" in c:
+                item[f"{prefix}_label"] = c["label"]
+            item[f"{prefix}_annotated"] = torch.as_tensor(c.get("annotated", []), dtype=torch.float32)
+            item[f"{prefix}_case"] = c.get("case", "")
+            item[f"{prefix}_cohort"] = c.get("cohort", "")
+        return self.transform(item) if self.transform is not None else item

@@ -1,0 +1,172 @@
+"""Pieces that plug the registration training into MONAI's Ignite workflows.
+
+``SupervisedTrainer`` is used as is: ``PairBatch`` hands the network the concatenated
+(moving, fixed) tensor and hands the loss a dict with both images, labels and the organs
+annotated in both cases, so ``RegistrationLoss(pred, target)`` has everything it needs. The
+validation ``SupervisedEvaluator`` uses ``RegistrationDice``, the Learn2Reg DSC (moving labels
+warped by nearest neighbour, organs present in both scans, nanmean per pair, mean over pairs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from monai.networks.blocks import Warp
+
+__all__ = [
+    "PairBatch",
+    "RegistrationDice",
+    "pair_dice",
+    "LossTermsHandler",
+    "ProgressBarHandler",
+    "latest_checkpoint",
+    "existing",
+    "ddf_of",
+]
+
+logger = logging.getLogger("registration.training")
+
+
+def ddf_of(pred: Any) -> torch.Tensor:
+    """The displacement field of a network output (tensor, first of a tuple, or ``pred["ddf"]``)."""
+    if isinstance(pred, Mapping):
+        pred = pred["ddf"]
+    if isinstance(pred, (list, tuple)):
+        pred = pred[0]
+    return torch.as_tensor(pred)
+
+
+class PairBatch:
+    """``prepare_batch``: input = moving then fixed channels; target = dict for the loss and the metric."""
+
+    def __init__(self, moving_key: str = "moving", fixed_key: str = "fixed") -> None:
+        self.moving_key, self.fixed_key = moving_key, fixed_key
+
+    def __call__(self, batch: Mapping, device=None, non_blocking: bool = False, **kwargs):
+        def dev(x):
+            return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
+
+        moving, fixed = dev(batch[self.moving_key]).float(), dev(batch[self.fixed_key]).float()
+        target: dict[str, Any] = {"moving": moving, "fixed": fixed}
+        for k in ("moving_label", "fixed_label"):
+            if batch.get(k) is not None:
+                target[k] = dev(batch[k])
+        if batch.get("moving_annotated") is not None and batch.get("fixed_annotated") is not None:
+            target["annotated"] = dev(batch["moving_annotated"]).float() * dev(batch["fixed_annotated"]).float()
+        return torch.cat([moving, fixed], dim=1), target
+
+
+_warp_nearest = Warp(mode="nearest", padding_mode="zeros")
+
+
+def pair_dice(moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    """(B, len(labels)) Dice of the nearest-neighbour warped moving labels; NaN where absent in either scan."""
+    warped = _warp_nearest(moving_label.float(), ddf.float()).round().long()
+    fixed_label, moving_label = fixed_label.long(), moving_label.long()
+    out = torch.full((ddf.shape[0], len(labels)), float("nan"), device=ddf.device)
+    for b in range(ddf.shape[0]):
+        for j, lab in enumerate(labels):
+            f, m = fixed_label[b] == lab, moving_label[b] == lab
+            if f.any() and m.any():
+                w = warped[b] == lab
+                inter = (w & f).sum().float()
+                out[b, j] = 2.0 * inter / (w.sum() + f.sum()).float()
+    return out
+
+
+class RegistrationDice(Metric):
+    """Mean over pairs of the per-pair nanmean organ Dice (Learn2Reg DSC); DDP-safe (summed over ranks)."""
+
+    required_output_keys = ("pred", "label")  # the evaluator's output dict; label = PairBatch target
+
+    def __init__(
+        self,
+        labels: Sequence[int] = tuple(range(1, 14)),
+        output_transform: Callable = lambda x: x,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.labels = list(labels)
+        super().__init__(output_transform=output_transform, device=device)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+        self._num = torch.tensor(0.0, dtype=torch.float64, device=self._device)
+
+    @reinit__is_reduced
+    def update(self, output: Sequence) -> None:
+        pred, target = output
+        dsc = pair_dice(target["moving_label"], target["fixed_label"], ddf_of(pred), self.labels)
+        for row in dsc:
+            if torch.isfinite(row).any():
+                self._sum += row.nanmean().double().to(self._device)
+                self._num += 1
+
+    @sync_all_reduce("_sum", "_num")
+    def compute(self) -> float:
+        return float(self._sum / self._num) if self._num > 0 else math.nan
+
+
+class LossTermsHandler:
+    """Epoch means of the loss terms (``loss.last``) into ``engine.state.metrics`` for the loggers."""
+
+    def __init__(self, loss: Any, prefix: str = "train_") -> None:
+        self.loss, self.prefix = loss, prefix
+        self._sums: dict[str, float] = {}
+        self._n = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._publish)
+
+    def _reset(self, engine: Engine) -> None:
+        self._sums, self._n = {}, 0
+
+    def _accumulate(self, engine: Engine) -> None:
+        for k, v in getattr(self.loss, "last", {}).items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._sums["loss"] = self._sums.get("loss", 0.0) + float(engine.state.output["loss"].detach())
+        self._n += 1
+
+    def _publish(self, engine: Engine) -> None:
+        for k, v in self._sums.items():
+            engine.state.metrics[self.prefix + k] = v / max(self._n, 1)
+
+
+class ProgressBarHandler:
+    """Ignite's tqdm ``ProgressBar`` showing the loss, attachable from a MONAI handler list."""
+
+    def __init__(self, enabled: bool = True, persist: bool = False) -> None:
+        self.enabled, self.persist = enabled, persist
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": float(out["loss"].detach())})
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$") -> str | None:
+    """Newest full training state in ``ckpt_dir`` (highest epoch), or None: what a resumed run loads."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), str(f)) for f in folder.iterdir() if (m := re.search(pattern, f.name))]
+    return max(found)[1] if found else None
+
+
+def existing(path: str | os.PathLike | None) -> str | None:
+    """``path`` if that file exists, else None (makes a loader conditional in a config)."""
+    return str(path) if path and Path(path).is_file() else None
