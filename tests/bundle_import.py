@@ -49,7 +49,7 @@ def run_bundle(
     """Run ``python -m monai.bundle <entry>`` for a bundle in a subprocess, as a user would.
 
     ``configs`` are file names under the bundle's ``configs/``; ``overrides`` become
-    ``--key value`` pairs (non-strings are JSON-encoded, which MONAI's CLI parses back).
+    ``--key value`` pairs (non-strings as Python literals, which MONAI's fire-based CLI parses back).
     Returns the ``subprocess.CompletedProcess`` (stdout and stderr captured as text).
     """
     import json
@@ -69,7 +69,7 @@ def run_bundle(
     if entry == "run" and (root / "configs" / "logging.conf").exists():
         cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
     for key, value in (overrides or {}).items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
     full_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -116,7 +116,7 @@ def bundle_command(stage: Stage) -> list[str]:
     if (root / "configs" / "logging.conf").exists():
         cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
     for key, value in stage.overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
     return cmd
 
 
