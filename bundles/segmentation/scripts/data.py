@@ -134,7 +134,9 @@ class PartialLabelBatch:
         return image, {"label": label, "annotated": annotated}
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$") -> str | None:
+def latest_checkpoint(
+    ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$"
+) -> str | None:
     """Path of the newest full training checkpoint in ``ckpt_dir`` (highest epoch), or None."""
     best: tuple[int, str] | None = None
     folder = Path(ckpt_dir)

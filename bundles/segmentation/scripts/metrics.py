@@ -20,7 +20,9 @@ def organ_names(meta_file: str | os.PathLike) -> list[str]:
     return [channel_def[k] for k in sorted(channel_def, key=int) if int(k) > 0]
 
 
-def write_organ_dice(raw_csv: str | os.PathLike, meta_file: str | os.PathLike, out_json: str | os.PathLike) -> dict:
+def write_organ_dice(
+    raw_csv: str | os.PathLike, meta_file: str | os.PathLike, out_json: str | os.PathLike
+) -> dict:
     """Name the ``class0..`` columns of ``<metric>_raw.csv`` (background excluded) and write per-organ means as JSON."""
     names = organ_names(meta_file)
     with open(raw_csv, newline="") as f:

@@ -21,7 +21,9 @@ __all__ = ["pseudo_label_path", "SaveLabelMapd", "write_pseudo_datalist", "atomi
 NUM_ORGANS = 13
 
 
-def pseudo_label_path(output_dir: str | os.PathLike, cohort: str, case: str, folder: str = "pseudo_labels") -> Path:
+def pseudo_label_path(
+    output_dir: str | os.PathLike, cohort: str, case: str, folder: str = "pseudo_labels"
+) -> Path:
     """Where the label map of one case goes: ``<output_dir>/<cohort>/<folder>/<case>.nii.gz``."""
     return Path(output_dir) / cohort / folder / f"{case}.nii.gz"
 
@@ -67,7 +69,9 @@ class SaveLabelMapd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             affine = getattr(img, "affine", None)
-            affine = np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+            affine = (
+                np.eye(4) if affine is None else np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
+            )
             arr = np.asarray(torch.as_tensor(img).detach().cpu())
             arr = arr[0] if arr.ndim == 4 else arr
             source = getattr(img, "meta", {}).get("filename_or_obj", "case")
