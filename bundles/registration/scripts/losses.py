@@ -79,7 +79,11 @@ class RegistrationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.similarity = similarity if similarity is not None else nn.MSELoss()
-        self.sim_weight, self.dice_weight, self.reg_weight = float(sim_weight), float(dice_weight), float(reg_weight)
+        self.sim_weight, self.dice_weight, self.reg_weight = (
+            float(sim_weight),
+            float(dice_weight),
+            float(reg_weight),
+        )
         self.use_dice = use_dice
         self.num_organs = num_organs
         self.fallback = fallback_regulariser if fallback_regulariser is not None else BendingEnergyLoss()

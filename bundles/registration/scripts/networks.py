@@ -93,7 +93,16 @@ class _Up(nn.Module):
     def __init__(self, cin: int, cout: int, n: int, norm, act) -> None:
         super().__init__()
         self.up = Convolution(
-            3, cin, cout, strides=2, kernel_size=2, padding=0, output_padding=0, norm=norm, act=act, is_transposed=True
+            3,
+            cin,
+            cout,
+            strides=2,
+            kernel_size=2,
+            padding=0,
+            output_padding=0,
+            norm=norm,
+            act=act,
+            is_transposed=True,
         )
         self.stack = _ConvStack(cout, n, norm, act, first_in=2 * cout)
 

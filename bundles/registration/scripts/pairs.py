@@ -91,7 +91,9 @@ def load_cases(
             out["annotated"] = [float(a) for a in annotated]
             cases.append(out)
     if not cases:
-        raise ValueError(f"{datalist}: no cases under {key!r}" + (f" for cohorts {list(cohorts)}" if cohorts else ""))
+        raise ValueError(
+            f"{datalist}: no cases under {key!r}" + (f" for cohorts {list(cohorts)}" if cohorts else "")
+        )
     return cases
 
 

@@ -62,14 +62,18 @@ class PairBatch:
             if batch.get(k) is not None:
                 target[k] = dev(batch[k])
         if batch.get("moving_annotated") is not None and batch.get("fixed_annotated") is not None:
-            target["annotated"] = dev(batch["moving_annotated"]).float() * dev(batch["fixed_annotated"]).float()
+            target["annotated"] = (
+                dev(batch["moving_annotated"]).float() * dev(batch["fixed_annotated"]).float()
+            )
         return torch.cat([moving, fixed], dim=1), target
 
 
 _warp_nearest = Warp(mode="nearest", padding_mode="zeros")
 
 
-def pair_dice(moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+def pair_dice(
+    moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor, labels: Sequence[int]
+) -> torch.Tensor:
     """(B, len(labels)) Dice of the nearest-neighbour warped moving labels; NaN where absent in either scan."""
     warped = _warp_nearest(moving_label.float(), ddf.float()).round().long()
     fixed_label, moving_label = fixed_label.long(), moving_label.long()
@@ -155,10 +159,14 @@ class ProgressBarHandler:
             return
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {"loss": float(out["loss"].detach())})
+        ProgressBar(persist=self.persist).attach(
+            engine, output_transform=lambda out: {"loss": float(out["loss"].detach())}
+        )
 
 
-def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$") -> str | None:
+def latest_checkpoint(
+    ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$"
+) -> str | None:
     """Newest full training state in ``ckpt_dir`` (highest epoch), or None: what a resumed run loads."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():

@@ -22,7 +22,9 @@ def ct_window(img: torch.Tensor, windows: Sequence[Sequence[float]]) -> torch.Te
 class CTWindowd(MapTransform):
     """Replace each HU image by its windowed channels (kept as MetaTensor where the input is one)."""
 
-    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]], allow_missing_keys: bool = False):
+    def __init__(
+        self, keys: KeysCollection, windows: Sequence[Sequence[float]], allow_missing_keys: bool = False
+    ):
         super().__init__(keys, allow_missing_keys)
         self.windows = [tuple(float(v) for v in w) for w in windows]
 

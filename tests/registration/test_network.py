@@ -1,0 +1,154 @@
+"""GradientRegNet: identity at start, cumulative-sum integration, monotonicity, shapes, bundle checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.blocks import Warp
+
+from tests.bundle_import import SCHEMA, import_bundle_module, run_bundle
+
+networks = import_bundle_module("registration", "scripts.networks")
+
+
+def _net(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return networks.GradientRegNet(**{"in_channels": 1, "channel_multiplier": 1, **kw})
+
+
+def _randomise_heads(net: torch.nn.Module, std: float) -> None:
+    for head in net.heads:
+        torch.nn.init.normal_(head.conv.weight, std=std)
+        torch.nn.init.normal_(head.conv.bias, std=std)
+
+
+def _jacobian_det(ddf: np.ndarray) -> np.ndarray:
+    """det of d(x + u)/dx by central differences, (3, D, H, W) -> (D, H, W)."""
+    jac = (
+        np.stack([np.stack(np.gradient(ddf[i]), 0) for i in range(3)], 0) + np.eye(3)[:, :, None, None, None]
+    )
+    return np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+
+
+def test_identity_gradient_gives_zero_field():
+    g = torch.full((2, 3, 7, 5, 9), 0.5)
+    assert torch.allclose(networks.gradient_to_ddf(g), torch.zeros_like(g), atol=1e-5)
+    big = torch.full((1, 3, 192, 160, 256), 0.5)  # full Learn2Reg size: no drift from summing
+    assert networks.gradient_to_ddf(big).abs().max() < 1e-5
+
+
+def test_known_cumsum_to_ddf():
+    # axis 0: first step 0.75 (1.5 voxels from -1 -> 0.5), then 0.5 (one voxel): a uniform shift of +0.5
+    g = torch.full((1, 3, 6, 4, 5), 0.5)
+    g[:, 0, 0] = 0.75
+    ddf = networks.gradient_to_ddf(g)
+    assert torch.allclose(ddf[:, 0], torch.full_like(ddf[:, 0], 0.5), atol=1e-6)
+    assert torch.allclose(ddf[:, 1:], torch.zeros_like(ddf[:, 1:]), atol=1e-6)
+    # axis 2: constant 0.75 -> steps of 1.5 voxels: p(k) = 1.5 (k + 1) - 1, u(k) = 0.5 k + 0.5
+    g = torch.full((1, 3, 3, 3, 5), 0.5)
+    g[:, 2] = 0.75
+    ddf = networks.gradient_to_ddf(g)
+    expected = 0.5 * torch.arange(5.0) + 0.5
+    assert torch.allclose(ddf[0, 2, 1, 1], expected, atol=1e-6)
+    # the field means warped(x) = moving(x + u(x)) with MONAI's Warp: a ramp moving(x) = x0 becomes x0 + 0.5
+    g = torch.full((1, 3, 6, 4, 5), 0.5)
+    g[:, 0, 0] = 0.75
+    ramp = torch.arange(6.0).view(1, 1, 6, 1, 1).expand(1, 1, 6, 4, 5).contiguous()
+    warped = Warp(mode="bilinear", padding_mode="border")(ramp, networks.gradient_to_ddf(g))
+    assert torch.allclose(warped[0, 0, :-1], ramp[0, 0, :-1] + 0.5, atol=1e-5)
+
+
+def test_zero_init_is_identity():
+    net = _net(deep_supervision=True, symmetric=True)
+    x = torch.rand(2, 2, 32, 32, 48)
+    out = net(x)  # training mode: every level and both directions start at the identity
+    for key in ("ddfs", "ddfs_sym"):
+        for u in out[key]:
+            assert u.abs().max() < 1e-5
+    for g in out["gradients"]:
+        assert torch.allclose(g, torch.full_like(g, 0.5))
+    net.eval()
+    with torch.no_grad():
+        ddf = net(x)
+        warped = Warp(mode="bilinear", padding_mode="border")(x[:, :1], ddf)
+    assert ddf.shape == (2, 3, 32, 32, 48)
+    assert ddf.abs().max() < 1e-5
+    assert torch.allclose(warped, x[:, :1], atol=1e-5)
+
+
+def test_shapes_any_size_and_outputs():
+    net = _net(in_channels=3, deep_supervision=True, symmetric=True)
+    x = torch.rand(1, 6, 48, 40, 36)  # 40 and 36 are not multiples of 16: padded inside, fields cropped back
+    out = net(x)
+    assert set(out) == {"ddf", "ddfs", "gradients", "ddf_sym", "ddfs_sym", "gradients_sym"}
+    assert len(out["ddfs"]) == 4 and len(out["gradients"]) == 4
+    assert all(u.shape == (1, 3, 48, 40, 36) for u in out["ddfs"] + out["gradients"])
+    net = _net(deep_supervision=False)
+    out = net(torch.rand(1, 2, 32, 32, 32))
+    assert len(out["ddfs"]) == 1 and "ddf_sym" not in out
+    with pytest.raises(ValueError, match="channels"):
+        net(torch.rand(1, 3, 32, 32, 32))
+
+
+def test_positive_gradients_monotone_and_no_folding():
+    x = torch.rand(2, 2, 32, 32, 32)
+    net = _net(deep_supervision=False)
+    # any weights: every axis mapping x_i -> x_i + u_i is increasing (sigmoid > 0, cumulative sum);
+    # with huge weights float32 sigmoid saturates to exactly 0, so test non-decreasing there
+    _randomise_heads(net, std=1.0)
+    net.eval()
+    with torch.no_grad():
+        u = net(x).numpy()
+    assert u.std() > 1.0  # a large random deformation
+    for i in range(3):
+        assert (np.diff(u[:, i], axis=i + 1) + 1.0).min() > -1e-5  # float32 rounding of the sums
+    _randomise_heads(net, std=0.1)
+    with torch.no_grad():
+        u = net(x).numpy()
+    for i in range(3):
+        assert (np.diff(u[:, i], axis=i + 1) + 1.0).min() > 0
+
+
+def test_smooth_positive_gradients_do_not_fold_but_shear_can():
+    """Per-axis monotonicity is what the construction guarantees. Smooth gradient fields (what the
+    regulariser favours) give det > 0 everywhere even for displacements of several voxels; strong
+    cross-axis variation (shear) can still fold, which the evaluation's fold fraction reports."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 3, 4, 4, 4)
+    g = torch.sigmoid(0.4 * torch.nn.functional.interpolate(z, size=(32, 32, 32), mode="trilinear"))
+    u = networks.gradient_to_ddf(g)[0].numpy()
+    assert np.abs(u).max() > 2.0
+    assert _jacobian_det(u).min() > 0
+    g = torch.full((1, 3, 32, 32, 32), 0.5)
+    wave = torch.sigmoid(2 * torch.sin(torch.arange(32.0) / 3))
+    g[0, 0] = wave.view(1, 32, 1)  # the step along axis 0 varies along axis 1, and vice versa
+    g[0, 1] = wave.view(32, 1, 1)
+    u = networks.gradient_to_ddf(g)[0].numpy()
+    for i in range(3):
+        assert (np.diff(u[i], axis=i) + 1.0).min() > 0
+    assert _jacobian_det(u).min() < 0
+
+
+def test_paper_width_parameter_count():
+    net = networks.GradientRegNet(in_channels=3, channel_multiplier=8)
+    n = sum(p.numel() for p in net.parameters())
+    assert 29e6 < n < 32e6  # DESIGN section 6: about 30.8 M
+
+
+def test_verify_metadata():
+    proc = run_bundle(
+        "registration", "metadata.json", {"filepath": str(SCHEMA)}, entry="verify_metadata", timeout=120
+    )
+    assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_verify_net_in_out():
+    proc = run_bundle(
+        "registration",
+        ["common.json"],
+        {"net_id": "network_def", "channel_multiplier": 1},
+        entry="verify_net_in_out",
+        timeout=120,
+    )
+    assert "verified with no error" in proc.stdout + proc.stderr

@@ -1,0 +1,254 @@
+"""Training pairs, a tiny overfit, and train.json / resume / DDP / LocalNet runs on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.bundle_import import bundle_dir, import_bundle_module, run_bundle
+
+networks = import_bundle_module("registration", "scripts.networks")
+losses = import_bundle_module("registration", "scripts.losses")
+pairs = import_bundle_module("registration", "scripts.pairs")
+training = import_bundle_module("registration", "scripts.training")
+transforms = import_bundle_module("registration", "scripts.transforms")
+
+COMMON = ["common.json", "train.json"]
+# a tiny, fast run: narrow network, small crops, few pairs; booleans as Python literals for MONAI's CLI
+TINY_RUN = {
+    "channel_multiplier": 1,
+    "crop_size": [32, 32, 32],
+    "batch_size": 1,
+    "pairs_per_epoch": 2,
+    "num_workers": 0,
+    "progress_bar": "False",
+}
+
+
+def _run(datalist: Path, out: Path, configs=COMMON, **overrides):
+    args = {
+        "datalist": str(datalist),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": str(out / "logs"),
+        **TINY_RUN,
+        **overrides,
+    }
+    # one thread: oneDNN's 3D conv backward is ~50x slower with 2 threads on a shared 2-core machine
+    return run_bundle("registration", configs, args, timeout=300, env={"OMP_NUM_THREADS": "1"})
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs
+# ---------------------------------------------------------------------------------------------
+def test_cases_cohorts_weights_and_label_key(tiny_preprocessed, tmp_path):
+    cases = pairs.load_cases(tiny_preprocessed, "training")
+    assert all(os.path.isfile(c["image"]) for c in cases)
+    image_only = [c for c in cases if "label" not in c]
+    assert image_only and all(sum(c["annotated"]) == 0 for c in image_only)
+    l2r = pairs.load_cases(tiny_preprocessed, "training", cohorts=["l2r"])
+    assert {c["cohort"] for c in l2r} == {"l2r"} and all(sum(c["annotated"]) == 13 for c in l2r)
+    both = pairs.load_cases(tiny_preprocessed, "training+validation", cohorts=["l2r"])
+    assert len(both) == len(l2r) + 3
+    # cohort weights: l2r gets 3/4 of the draws, a zero weight drops a cohort
+    probs = pairs.case_weights(cases, {"l2r": 3.0, "msd_colon": 0.0})
+    cohorts = np.array([c["cohort"] for c in cases])
+    n_other = len(set(cohorts)) - 2
+    assert np.isclose(float(probs[cohorts == "l2r"].sum()), 3.0 / (3.0 + n_other))
+    assert float(probs[cohorts == "msd_colon"].sum()) == 0
+    # a pseudo-label key (added by the segmentation bundle): every case gets a label, all organs count
+    data = json.loads(Path(tiny_preprocessed).read_text())
+    for item in data["training"]:
+        item["pseudo_label"] = item.get("label", data["training"][3]["label"])
+    fake = Path(tiny_preprocessed).parent / "datalist_pseudo_test.json"
+    fake.write_text(json.dumps(data))
+    pseudo = pairs.load_cases(fake, "training", label_key="pseudo_label")
+    assert all("label" in c and sum(c["annotated"]) == 13 for c in pseudo)
+    assert pairs.load_cases(tiny_preprocessed, "training", label_key=None)[0].get("label") is None
+
+
+def test_pair_dataset_one_crop_for_both(tiny_preprocessed):
+    cases = pairs.load_cases(tiny_preprocessed, "training")
+    ds = pairs.case_dataset(cases, pairs.case_transforms(True), cache_rate=1.0)
+    window = transforms.CTWindowd(["moving", "fixed"], [[400, 40], [1000, 400]])
+    pair_ds = pairs.PairDataset(ds, pairs.pair_transforms([16, 24, 32], window), length=8)
+    torch.manual_seed(1)
+    seen = set()
+    for i in range(len(pair_ds)):
+        item = pair_ds[i]
+        assert item["moving"].shape == item["fixed"].shape == (2, 16, 24, 32)
+        assert item["moving_label"].shape == (1, 16, 24, 32)
+        assert 0 <= float(item["moving"].min()) and float(item["moving"].max()) <= 1
+        assert item["moving_case"] != item["fixed_case"]
+        assert item["moving_annotated"].shape == (13,)
+        seen.add((item["moving_case"], item["fixed_case"]))
+    assert len(seen) > 1
+    # the same box is cut from every key: crop a case against itself and compare
+    twin = pairs.PairDataset(ds, pairs.pair_transforms([16, 24, 32]), pairs=[(3, 3)])
+    item = twin[0]
+    assert torch.equal(item["moving"], item["fixed"]) and torch.equal(
+        item["moving_label"], item["fixed_label"]
+    )
+    # validation pairs: full volume, both labels
+    vcases, vpairs = pairs.load_val_pairs(tiny_preprocessed)
+    assert len(vpairs) == 3
+    vds = pairs.PairDataset(
+        pairs.case_dataset(vcases, pairs.case_transforms(True)),
+        pairs.pair_transforms(None, window),
+        pairs=vpairs,
+    )
+    item = vds[0]
+    assert item["fixed"].shape[1:] == tuple(json.loads(Path(tiny_preprocessed).read_text())["shape"])
+    batch = torch.utils.data.default_collate([item])
+    x, target = training.PairBatch()(batch)
+    assert x.shape[1] == 4 and target["annotated"].shape == (1, 13)
+
+
+def test_validation_dice_matches_learn2reg_definition():
+    lab_f = torch.zeros(1, 1, 8, 8, 8, dtype=torch.long)
+    lab_m = torch.zeros_like(lab_f)
+    lab_f[..., :4, :, :] = 1
+    lab_m[..., :4, :, :] = 1
+    lab_f[..., 6:, :, :] = 2  # organ 2 only in fixed: NaN, not counted
+    dsc = training.pair_dice(lab_m, lab_f, torch.zeros(1, 3, 8, 8, 8), [1, 2, 3])
+    assert dsc[0, 0] == 1 and torch.isnan(dsc[0, 1:]).all()
+    metric = training.RegistrationDice(labels=[1, 2, 3])
+    metric.reset()
+    metric.update((torch.zeros(1, 3, 8, 8, 8), {"moving_label": lab_m, "fixed_label": lab_f}))
+    assert metric.compute() == 1.0
+
+
+def test_tiny_overfit_lowers_loss():
+    """A few Adam steps on one synthetic pair (a cube shifted by two voxels) lower the loss and raise Dice."""
+    torch.manual_seed(0)
+    shape = (32, 32, 32)
+    mov_lab = torch.zeros(1, 1, *shape, dtype=torch.long)
+    fix_lab = torch.zeros_like(mov_lab)
+    mov_lab[..., 10:22, 10:22, 10:22] = 1
+    fix_lab[..., 12:24, 10:22, 10:22] = 1
+    mov = mov_lab.float() + 0.05 * torch.rand(1, 1, *shape)
+    fix = fix_lab.float() + 0.05 * torch.rand(1, 1, *shape)
+    target = {
+        "moving": mov,
+        "fixed": fix,
+        "moving_label": mov_lab,
+        "fixed_label": fix_lab,
+        "annotated": torch.ones(1, 1),
+    }
+    net = networks.GradientRegNet(in_channels=1, channel_multiplier=1, deep_supervision=True, symmetric=True)
+    loss_fn = losses.RegistrationLoss(num_organs=1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x = torch.cat([mov, fix], 1)
+    values = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(12):
+        opt.zero_grad()
+        loss = loss_fn(net(x), target)
+        loss.backward()
+        opt.step()
+        values.append(float(loss))
+    torch.set_num_threads(threads)
+    net.eval()
+    with torch.no_grad():
+        dice = training.pair_dice(mov_lab, fix_lab, net(x), [1])[0, 0]
+    identity = training.pair_dice(mov_lab, fix_lab, torch.zeros(1, 3, *shape), [1])[0, 0]
+    assert values[-1] < 0.7 * values[0]
+    assert dice > identity + 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# bundle runs
+# ---------------------------------------------------------------------------------------------
+def test_train_runs_end_to_end_and_resumes(tiny_preprocessed, tmp_path):
+    out = tmp_path / "run"
+    first = _run(tiny_preprocessed, out, max_epochs=1)
+    models = out / "models"
+    assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=1.pt").is_file()
+    state = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "trainer", "best"} <= set(state) and state["trainer"]["iteration"] == 2
+    assert re.search(r"val_mean_dice: 0\.\d+", first.stdout + first.stderr)
+    assert list((out / "logs").glob("events.out.tfevents*"))
+    # the interrupted run is continued: epoch 2 only, from the saved state
+    second = _run(tiny_preprocessed, out, max_epochs=2, val_at_start="False")
+    log = second.stdout + second.stderr
+    assert "resuming from iteration 2, epoch 1" in log, log[-3000:]
+    assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log
+    assert training.latest_checkpoint(models) == str(models / "checkpoint_epoch=2.pt")
+    # initial_ckpt starts a fresh run (no resume) from given weights, e.g. fine-tuning a pretrained model
+    third = _run(
+        tiny_preprocessed,
+        tmp_path / "finetune",
+        max_epochs=1,
+        initial_ckpt=str(models / "model.pt"),
+        cohorts=["l2r"],
+        val_at_start="False",
+    )
+    assert "Restored all variables from" in third.stdout + third.stderr
+
+
+def test_train_symmetric_unsupervised_image_only(tiny_preprocessed, tmp_path):
+    """Unsupervised pretraining on every cohort (image-only ones included), symmetric, LNCC, weighted cohorts."""
+    out = tmp_path / "unsup"
+    proc = _run(
+        tiny_preprocessed,
+        out,
+        max_epochs=1,
+        use_dice="False",
+        symmetric="True",
+        deep_supervision="False",
+        multi_window="False",
+        cohort_weights={"msd_colon": 2.0, "msd_hepaticvessel": 2.0},
+        similarity={"_target_": "LocalNormalizedCrossCorrelationLoss", "kernel_size": 5},
+        val_at_start="False",
+        cache_rate=0.0,
+    )
+    log = proc.stdout + proc.stderr
+    assert "train_dice_loss" not in log and "train_similarity" in log
+    assert (out / "models" / "model.pt").is_file()
+
+
+def test_train_localnet_baseline(tiny_preprocessed, tmp_path):
+    out = tmp_path / "localnet"
+    _run(tiny_preprocessed, out, configs=[*COMMON, "train_localnet.json"], max_epochs=1, val_at_start="False")
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("decode_deconvs") or "deconv" in k for k in state)
+
+
+def test_multi_gpu_train_torchrun_gloo(tiny_preprocessed, tmp_path):
+    root = bundle_dir("registration")
+    cfg = json.dumps([str(root / "configs" / f) for f in [*COMMON, "multi_gpu_train.json"]])
+    out = tmp_path / "ddp"
+    args = {
+        **TINY_RUN,
+        "datalist": str(tiny_preprocessed),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": str(out / "logs"),
+    }
+    args.update(max_epochs=1, pairs_per_epoch=4, val_at_start="False", dist_backend="gloo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", cfg, "--bundle_root", str(root)]
+    cmd += ["--meta_file", str(root / "configs" / "metadata.json")]
+    for k, v in args.items():
+        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (out / "models" / "checkpoint_epoch=1.pt").is_file()
+    # 4 pairs split over 2 ranks: each rank does 2 iterations per epoch
+    assert "Iter: 2/2" in proc.stdout + proc.stderr
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
