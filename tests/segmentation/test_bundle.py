@@ -172,7 +172,7 @@ def test_multi_gpu_config_under_torchrun_gloo(tiny_preprocessed, tmp_path):
         "output_dir": str(tmp_path / "eval"),
     }
     args.update(max_epochs=1, val_interval=1, samples_per_epoch=8, dist_backend="gloo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(SEG)]
     cmd += [
         "--meta_file",
