@@ -41,6 +41,13 @@ def test_dice_counts_only_organs_annotated_in_both():
     assert masked < 1e-4
     # an organ annotated in both but absent from both crops does not dilute the mean
     assert torch.isclose(loss(zero, _target(mov, fix, [1, 1, 1])), both)
+    # present in the moving crop only: not counted, whatever the field does with it (squashing it
+    # out of the crop must not be a way to lower the loss)
+    fix_no2 = _cube(shape, (2, 2, 2), (6, 6, 6), 1)
+    assert loss(zero, _target(mov, fix_no2, [1, 1, 0])) < 1e-4
+    squash = torch.zeros(1, 3, *shape)
+    squash[:, 0, 8:] = 8.0  # samples the moving image outside organ 2
+    assert loss(squash, _target(mov, fix_no2, [1, 1, 0])) < 1e-4
     # nothing annotated in both: zero loss that still backpropagates
     u = torch.zeros(1, 3, *shape, requires_grad=True)
     none = loss(u, _target(mov, fix, [0, 0, 0]))

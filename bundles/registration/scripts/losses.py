@@ -21,7 +21,7 @@ from torch import nn
 
 from scripts.networks import IDENTITY_GRADIENT
 
-__all__ = ["RegistrationLoss", "masked_dice_loss", "one_hot_organs", "gradient_regulariser"]
+__all__ = ["RegistrationLoss", "masked_dice_loss", "organ_mask", "one_hot_organs", "gradient_regulariser"]
 
 
 def one_hot_organs(label: torch.Tensor, num_organs: int) -> torch.Tensor:
@@ -36,15 +36,21 @@ def masked_dice_loss(
 ) -> torch.Tensor:
     """Mean soft Dice loss over the (case, organ) entries where ``mask`` (B, K) is true.
 
-    Organs not annotated in both cases (a 0 in ``annotated`` means unknown, not absent) carry no
-    information about the alignment and are left out, as are organs absent from both crops. A
-    batch with no valid entry gives a zero that keeps the graph (so DDP and AMP see a loss).
+    The mask must not depend on the prediction: were "present in the warped labels" part of it,
+    squashing an organ out of the crop would remove its loss (a shortcut the network finds).
+    A batch with no valid entry gives a zero that keeps the graph (so DDP and AMP see a loss).
     """
     dice = dice or DiceLoss(include_background=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
     per = dice(pred, target).reshape(pred.shape[0], pred.shape[1])
-    present = (pred.detach().flatten(2).amax(-1) > 0.5) | (target.flatten(2).amax(-1) > 0.5)
-    m = mask.to(per.dtype) * present.to(per.dtype)
+    m = mask.to(per.dtype)
     return (per * m).sum() / m.sum().clamp_min(1.0)
+
+
+def organ_mask(oh_moving: torch.Tensor, oh_fixed: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
+    """(B, K) organs that count: annotated in both cases (a 0 means unknown, not absent) and present
+    in both (unwarped) crops, as the Learn2Reg DSC counts organs present in both scans."""
+    present = (oh_moving.flatten(2).amax(-1) > 0) & (oh_fixed.flatten(2).amax(-1) > 0)
+    return annotated.to(oh_fixed.dtype) * present.to(oh_fixed.dtype)
 
 
 def gradient_regulariser(gradients: list[torch.Tensor]) -> torch.Tensor:
@@ -119,6 +125,7 @@ class RegistrationLoss(nn.Module):
             annotated = target.get("annotated")
             if annotated is None:
                 annotated = torch.ones(moving.shape[0], self.num_organs, device=moving.device)
+            mask = organ_mask(oh_moving, oh_fixed, annotated)
         totals, sims, dices, regs = [], [], [], []
         for ddfs, grads, reverse in self._directions(pred):
             src, dst = (fixed, moving) if reverse else (moving, fixed)
@@ -127,7 +134,7 @@ class RegistrationLoss(nn.Module):
             if with_dice:
                 lsrc, ldst = (oh_fixed, oh_moving) if reverse else (oh_moving, oh_fixed)
                 dice = torch.stack(
-                    [masked_dice_loss(self.warp_label(lsrc, u), ldst, annotated, self.dice) for u in ddfs]
+                    [masked_dice_loss(self.warp_label(lsrc, u), ldst, mask, self.dice) for u in ddfs]
                 ).mean()
                 total = total + self.dice_weight * dice
                 dices.append(dice.detach())
