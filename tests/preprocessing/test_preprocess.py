@@ -122,7 +122,7 @@ def test_translation_alignment_brings_organs_to_the_reference(tiny_cohorts, tiny
             if (raw == 6).any()
             else np.inf
         )
-        assert err_aligned < 45.0, (
+        assert err_aligned < 60.0, (
             f"{it_aligned['case']}: liver {err_aligned:.0f} mm from the reference after alignment"
         )
         assert err_aligned < err_raw, (

@@ -38,6 +38,7 @@ class Stage:
     builtin: str | None = None  # "synth" or "report"
     args: dict[str, Any] = field(default_factory=dict)  # arguments of a built-in step
     nproc: int = 1  # >1: run under torchrun with this many processes
+    env: dict[str, str] = field(default_factory=dict)  # environment variables of the stage's process
 
 
 def _substitute(value: Any, variables: dict[str, str]) -> Any:
@@ -59,7 +60,10 @@ def load_pipeline(
     variables = {"work": str(Path(work).resolve()), "repo": str(REPO)}
     for key, value in {**spec.get("vars", {}), **(extra_vars or {})}.items():
         variables[key] = str(_substitute(value, variables))
+    common_env = {k: str(v) for k, v in spec.get("env", {}).items()}
     stages = [Stage(**_substitute(s, variables)) for s in spec["stages"]]
+    for stage in stages:
+        stage.env = {**common_env, **{k: str(v) for k, v in stage.env.items()}}
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: stage names must be unique")
@@ -181,7 +185,7 @@ class Runner:
             return
         cmd = bundle_command(stage)
         root = REPO / "bundles" / stage.bundle
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, **stage.env, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         with log.open("w") as fh:
             fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             fh.flush()

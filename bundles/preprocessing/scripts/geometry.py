@@ -92,6 +92,8 @@ def _for_alignment(img: ants.ANTsImage, spacing) -> ants.ANTsImage:
 def align(moving: ants.ANTsImage, reference: ants.ANTsImage, spacing, transform: str, **kwargs) -> list[str]:
     """ANTs transform files mapping reference points into the moving scan (``Translation``/``Rigid``/``Affine``)."""
     kinds = {"translation": "Translation", "rigid": "Rigid", "affine": "Affine"}
+    # ANTs samples the metric at random points: a fixed seed makes re-runs reproducible.
+    ants.config._random_seed = int(kwargs.pop("random_seed", 0))
     if transform not in kinds:
         raise ValueError(f"align must be one of none, {', '.join(kinds)}; got {transform!r}")
     reg = ants.registration(
