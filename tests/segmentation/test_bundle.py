@@ -67,7 +67,7 @@ def test_training_reaches_clear_dice(trained):
     )
     report = json.loads((work / "evaluate" / "dice_per_organ.json").read_text())
     assert list(report["per_organ"])[:3] == ["spleen", "right kidney", "left kidney"]
-    assert len(report["per_organ"]) == 13 and report["per_organ"]["liver"] > 0.5, report["per_organ"]
+    assert len(report["per_organ"]) == 13 and report["per_organ"]["liver"] > 0.35, report["per_organ"]
     assert report["mean_dice"] == pytest.approx(best, abs=1e-4), _log(ev)[-2000:]
 
 
