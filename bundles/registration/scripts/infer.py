@@ -35,6 +35,7 @@ from monai.transforms import (
 from scripts import fields as F
 from scripts.metrics import pair_metrics, write_json, write_results
 from scripts.qc import qc_figure
+from scripts.training import ddf_of
 
 logger = logging.getLogger("registration.infer")
 
@@ -254,15 +255,6 @@ class PairBatch:
             [torch.as_tensor(batch[self.moving_key]), torch.as_tensor(batch[self.fixed_key])], dim=1
         )
         return x.to(device=device, non_blocking=non_blocking), None
-
-
-def ddf_of(pred: Any) -> torch.Tensor:
-    """The dense displacement field of a network output (tensor, first of a tuple/list, or dict['ddf'])."""
-    if isinstance(pred, Mapping):
-        pred = pred["ddf"]
-    if isinstance(pred, (list, tuple)):
-        pred = pred[0]
-    return torch.as_tensor(pred)
 
 
 class FieldFolderIteration:
