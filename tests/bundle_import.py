@@ -45,11 +45,13 @@ def run_bundle(
     env: dict | None = None,
     timeout: float = 900,
     check: bool = True,
+    nproc: int = 1,
 ):
     """Run ``python -m monai.bundle <entry>`` for a bundle in a subprocess, as a user would.
 
     ``configs`` are file names under the bundle's ``configs/``; ``overrides`` become
     ``--key value`` pairs (non-strings as Python literals, which MONAI's fire-based CLI parses back).
+    ``nproc > 1`` launches it under ``torchrun --standalone`` with that many processes (DDP tests).
     Returns the ``subprocess.CompletedProcess`` (stdout and stderr captured as text).
     """
     import json
@@ -64,7 +66,18 @@ def run_bundle(
     if entry == "verify_metadata":
         cmd = [sys.executable, "-m", "monai.bundle", entry, "--meta_file", meta]
     else:
-        cmd = [sys.executable, "-m", "monai.bundle", entry, "--config_file", config_arg, "--bundle_root", str(root)]
+        launcher = [sys.executable, "-m", "monai.bundle"]
+        if nproc > 1:
+            launcher = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={nproc}",
+                "-m",
+                "monai.bundle",
+            ]
+        cmd = [*launcher, entry, "--config_file", config_arg, "--bundle_root", str(root)]
         cmd += ["--meta_file", meta]
     if entry == "run" and (root / "configs" / "logging.conf").exists():
         cmd += ["--logging_file", str(root / "configs" / "logging.conf")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_import import bundle_dir, import_bundle_module, run_bundle
+from tests.bundle_import import import_bundle_module, run_bundle
 
 networks = import_bundle_module("registration", "scripts.networks")
 losses = import_bundle_module("registration", "scripts.losses")
@@ -223,8 +222,6 @@ def test_train_localnet_baseline(tiny_preprocessed, tmp_path):
 
 
 def test_multi_gpu_train_torchrun_gloo(tiny_preprocessed, tmp_path):
-    root = bundle_dir("registration")
-    cfg = json.dumps([str(root / "configs" / f) for f in [*COMMON, "multi_gpu_train.json"]])
     out = tmp_path / "ddp"
     args = {
         **TINY_RUN,
@@ -233,17 +230,15 @@ def test_multi_gpu_train_torchrun_gloo(tiny_preprocessed, tmp_path):
         "output_dir": str(out / "logs"),
     }
     args.update(max_epochs=1, pairs_per_epoch=4, val_at_start="False", dist_backend="gloo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-    cmd += ["-m", "monai.bundle", "run", "--config_file", cfg, "--bundle_root", str(root)]
-    cmd += ["--meta_file", str(root / "configs" / "metadata.json")]
-    for k, v in args.items():
-        cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bundle(
+        "registration",
+        [*COMMON, "multi_gpu_train.json"],
+        args,
+        nproc=2,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "models" / "checkpoint_epoch=1.pt").is_file()
     # 4 pairs split over 2 ranks: each rank does 2 iterations per epoch

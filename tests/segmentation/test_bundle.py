@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -164,7 +162,6 @@ def test_verify_metadata_and_net_in_out():
 
 @pytest.mark.slow
 def test_multi_gpu_config_under_torchrun_gloo(tiny_preprocessed, tmp_path):
-    configs = json.dumps([str(SEG / "configs" / f) for f in ("train.json", "multi_gpu_train.json")])
     args = {
         **TRAIN,
         "datalist": str(tiny_preprocessed),
@@ -172,22 +169,15 @@ def test_multi_gpu_config_under_torchrun_gloo(tiny_preprocessed, tmp_path):
         "output_dir": str(tmp_path / "eval"),
     }
     args.update(max_epochs=1, val_interval=1, samples_per_epoch=8, dist_backend="gloo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(SEG)]
-    cmd += [
-        "--meta_file",
-        str(SEG / "configs" / "metadata.json"),
-        "--logging_file",
-        str(SEG / "configs" / "logging.conf"),
-    ]
-    for key, value in args.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(SEG) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(cmd, cwd=SEG, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_bundle(
+        "segmentation",
+        ["train.json", "multi_gpu_train.json"],
+        args,
+        nproc=2,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=300,
+        check=False,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "val_mean_dice" in log and (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
