@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import fire
@@ -44,10 +45,12 @@ class Pipeline:
         work: str = "runs/demo",
         start: str | None = None,
         only: str | None = None,
+        jobs: int | None = None,
         **vars,
     ):
-        """Run stages in order (``--start X`` from stage X, ``--only X,Y`` just those); unchanged stages are skipped."""
-        runner = Runner(_pipeline_file(config), work, extra_vars=vars)
+        """Run stages in order (``--start X`` from stage X, ``--only X,Y`` just those); unchanged stages are
+        skipped; ``--jobs N`` runs up to N independent stages at once (default: the file's ``jobs``)."""
+        runner = Runner(_pipeline_file(config), work, extra_vars=vars, jobs=jobs)
         runner.run(start=start, only=only)
         return None
 
@@ -58,9 +61,11 @@ class Pipeline:
             print(f"{'done   ' if runner.is_done(stage) else 'pending'}  {stage.name}")
 
 
-def demo(work: str = "runs/demo") -> None:
+def demo(work: str = "runs/demo", jobs: int | None = None) -> None:
     """The synthetic end-to-end demo: all five stages at small size on CPU, then the ablation table."""
-    Pipeline().run(config="demo", work=work)
+    t0 = time.time()
+    Pipeline().run(config="demo", work=work, jobs=jobs)
+    print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
     print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
 
 

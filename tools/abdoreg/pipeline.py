@@ -4,7 +4,10 @@ A pipeline file (YAML) lists stages; each runs one bundle config through
 ``python -m monai.bundle run`` with overrides, in its own log. A stage is skipped when a
 stamp (hash of its config files, overrides and input files) matches and its outputs exist;
 an interrupted training stage is simply run again and resumes from the checkpoint the bundle
-left. This module holds no stage logic: what a stage does lives in the bundle's config.
+left. With ``jobs`` > 1, stages whose inputs do not come from each other run at the same time
+(like ``make -j``): a stage waits for every earlier stage that writes one of its inputs (a path
+equal to, inside, or containing an output or its folder) or that it names in ``after``.
+This module holds no stage logic: what a stage does lives in the bundle's config.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ class Stage:
     args: dict[str, Any] = field(default_factory=dict)  # arguments of a built-in step
     nproc: int = 1  # >1: run under torchrun with this many processes
     env: dict[str, str] = field(default_factory=dict)  # environment variables of the stage's process
+    after: list[str] = field(default_factory=list)  # stages to wait for besides those found from paths
 
 
 def _substitute(value: Any, variables: dict[str, str]) -> Any:
@@ -52,11 +57,16 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
+def read_spec(path: str | Path) -> dict:
+    """The pipeline file as a dict (YAML)."""
+    return yaml.safe_load(Path(path).read_text())
+
+
 def load_pipeline(
     path: str | Path, work: str | Path, extra_vars: dict | None = None
 ) -> tuple[dict, list[Stage]]:
     """Read a pipeline file; ``{work}``, ``{repo}`` and the file's ``vars`` are substituted."""
-    spec = yaml.safe_load(Path(path).read_text())
+    spec = read_spec(path)
     variables = {"work": str(Path(work).resolve()), "repo": str(REPO)}
     for key, value in {**spec.get("vars", {}), **(extra_vars or {})}.items():
         variables[key] = str(_substitute(value, variables))
@@ -67,7 +77,24 @@ def load_pipeline(
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: stage names must be unique")
+    for i, stage in enumerate(stages):
+        unknown = [a for a in stage.after if a not in names[:i]]
+        if unknown:
+            raise ValueError(f"{path}: stage {stage.name} is after {unknown}, which are not earlier stages")
     return variables, stages
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def depends_on(stage: Stage, earlier: Stage) -> bool:
+    """True when ``stage`` must wait for ``earlier``: named in ``after``, or one of its inputs is (inside,
+    or contains) one of ``earlier``'s outputs or that output's folder."""
+    if earlier.name in stage.after:
+        return True
+    outs = [Path(o) for o in earlier.outputs]
+    return any(_related(Path(i), o) or Path(i).is_relative_to(o.parent) for i in stage.inputs for o in outs)
 
 
 def _signature(path: Path) -> list:
@@ -127,9 +154,17 @@ def bundle_command(stage: Stage) -> list[str]:
 class Runner:
     """Runs the stages of one pipeline in one working folder (logs and stamps live there)."""
 
-    def __init__(self, pipeline: str | Path, work: str | Path, extra_vars: dict | None = None, echo=print):
+    def __init__(
+        self,
+        pipeline: str | Path,
+        work: str | Path,
+        extra_vars: dict | None = None,
+        echo=print,
+        jobs: int | None = None,
+    ):
         self.work = Path(work).resolve()
         self.variables, self.stages = load_pipeline(pipeline, self.work, extra_vars)
+        self.jobs = max(1, int(jobs if jobs is not None else read_spec(pipeline).get("jobs", 1)))
         self.echo = echo
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         (self.work / "stamps").mkdir(parents=True, exist_ok=True)
@@ -154,26 +189,57 @@ class Runner:
     def run(
         self, start: str | None = None, only: str | list[str] | None = None
     ) -> list[tuple[str, str, float]]:
-        """Run the selected stages in order; returns (stage, status, seconds) rows."""
-        rows = []
-        for stage in self.select(start, only):
-            if self.is_done(stage):
-                self.echo(f"[skip] {stage.name}: unchanged")
-                rows.append((stage.name, "skipped", 0.0))
-                continue
-            t0 = time.time()
-            self.echo(f"[run ] {stage.name} (log: {self.work / 'logs' / (stage.name + '.log')})")
-            self._execute(stage)
-            missing = [p for p in stage.outputs if not Path(p).exists()]
-            if missing:
-                raise RuntimeError(f"stage {stage.name} finished but did not write {', '.join(missing)}")
-            stamp = self.work / "stamps" / f"{stage.name}.json"
-            tmp = stamp.with_name(f".tmp-{stamp.name}")
-            tmp.write_text(json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
-            os.replace(tmp, stamp)
-            rows.append((stage.name, "done", time.time() - t0))
-            self.echo(f"[done] {stage.name} in {time.time() - t0:.0f} s")
+        """Run the selected stages (in file order, ``jobs`` at a time where they do not depend on each
+        other); returns (stage, status, seconds) rows in the order the stages finished. After a failure
+        no new stage starts; those running finish, then the first error is raised."""
+        selected = self.select(start, only)
+        deps = {s.name: {t.name for t in selected[:i] if depends_on(s, t)} for i, s in enumerate(selected)}
+        rows: list[tuple[str, str, float]] = []
+        finished: set[str] = set()
+        errors: list[BaseException] = []
+        pending, running = list(selected), {}
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            while pending or running:
+                for stage in list(pending):
+                    if errors or len(running) >= self.jobs:
+                        break
+                    if not deps[stage.name] <= finished:
+                        continue
+                    pending.remove(stage)
+                    if self.is_done(stage):
+                        self.echo(f"[skip] {stage.name}: unchanged")
+                        rows.append((stage.name, "skipped", 0.0))
+                        finished.add(stage.name)
+                        continue
+                    running[pool.submit(self._run_stage, stage)] = stage
+                if not running:
+                    break  # nothing can start: an error stopped the run (or every stage is finished)
+                done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for future in done:
+                    stage = running.pop(future)
+                    try:
+                        rows.append(future.result())
+                        finished.add(stage.name)
+                    except Exception as exc:  # re-raised once the running stages end
+                        errors.append(exc)
+                        self.echo(f"[fail] {stage.name}")
+        if errors:
+            raise errors[0]
         return rows
+
+    def _run_stage(self, stage: Stage) -> tuple[str, str, float]:
+        t0 = time.time()
+        self.echo(f"[run ] {stage.name} (log: {self.work / 'logs' / (stage.name + '.log')})")
+        self._execute(stage)
+        missing = [p for p in stage.outputs if not Path(p).exists()]
+        if missing:
+            raise RuntimeError(f"stage {stage.name} finished but did not write {', '.join(missing)}")
+        stamp = self.work / "stamps" / f"{stage.name}.json"
+        tmp = stamp.with_name(f".tmp-{stamp.name}")
+        tmp.write_text(json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
+        os.replace(tmp, stamp)
+        self.echo(f"[done] {stage.name} in {time.time() - t0:.0f} s")
+        return stage.name, "done", time.time() - t0
 
     def _execute(self, stage: Stage) -> None:
         log = self.work / "logs" / f"{stage.name}.log"
@@ -185,7 +251,11 @@ class Runner:
             return
         cmd = bundle_command(stage)
         root = REPO / "bundles" / stage.bundle
-        env = {**os.environ, **stage.env, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            **stage.env,
+            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        }
         with log.open("w") as fh:
             fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             fh.flush()
