@@ -37,7 +37,13 @@ def tiny_cohorts(tmp_path_factory) -> Path:
 
 def preprocess(raw: Path, out: Path, cohort: str, check: bool = True, **overrides):
     """Run the preprocessing bundle on one cohort through `python -m monai.bundle run`."""
-    args = {"cohort": cohort, "input_dir": str(raw / COHORT_DIRS[cohort]), "output_dir": str(out), **TINY, **overrides}
+    args = {
+        "cohort": cohort,
+        "input_dir": str(raw / COHORT_DIRS[cohort]),
+        "output_dir": str(out),
+        **TINY,
+        **overrides,
+    }
     return run_bundle("preprocessing", "preprocess.json", args, check=check)
 
 
