@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from abdoreg.pipeline import Runner, depends_on, load_pipeline
+from abdoreg.pipeline import Runner, dependencies, load_pipeline
 
 DEMO = Path(__file__).resolve().parents[2] / "tools" / "abdoreg" / "pipelines" / "demo.yaml"
 
 
 def _deps(stages, name):
-    i = [s.name for s in stages].index(name)
-    return {t.name for t in stages[:i] if depends_on(stages[i], t)}
+    return dependencies(stages)[name]
 
 
 def test_demo_dependencies_follow_inputs_and_outputs(tmp_path):

@@ -84,17 +84,18 @@ def load_pipeline(
     return variables, stages
 
 
-def _related(a: Path, b: Path) -> bool:
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
-
-
 def depends_on(stage: Stage, earlier: Stage) -> bool:
-    """True when ``stage`` must wait for ``earlier``: named in ``after``, or one of its inputs is (inside,
-    or contains) one of ``earlier``'s outputs or that output's folder."""
+    """True when ``stage`` must wait for ``earlier``: named in ``after``, or one of its inputs is inside the
+    folder of one of ``earlier``'s outputs (the output itself included) or contains that output."""
     if earlier.name in stage.after:
         return True
     outs = [Path(o) for o in earlier.outputs]
-    return any(_related(Path(i), o) or Path(i).is_relative_to(o.parent) for i in stage.inputs for o in outs)
+    return any(Path(i).is_relative_to(o.parent) or o.is_relative_to(i) for i in stage.inputs for o in outs)
+
+
+def dependencies(stages: list[Stage]) -> dict[str, set[str]]:
+    """For each stage, the names of the earlier stages in ``stages`` it must wait for."""
+    return {s.name: {t.name for t in stages[:i] if depends_on(s, t)} for i, s in enumerate(stages)}
 
 
 def _signature(path: Path) -> list:
@@ -193,7 +194,7 @@ class Runner:
         other); returns (stage, status, seconds) rows in the order the stages finished. After a failure
         no new stage starts; those running finish, then the first error is raised."""
         selected = self.select(start, only)
-        deps = {s.name: {t.name for t in selected[:i] if depends_on(s, t)} for i, s in enumerate(selected)}
+        deps = dependencies(selected)
         rows: list[tuple[str, str, float]] = []
         finished: set[str] = set()
         errors: list[BaseException] = []
