@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.bundle_import import bundle_dir, import_bundle_module, run_bundle
+from tests.bundle_import import import_bundle_module, run_bundle
 
 F = import_bundle_module("registration", "scripts.fields")
 S = import_bundle_module("registration", "scripts.syn")
@@ -42,8 +42,8 @@ def standin(tmp_path_factory) -> Path:
 
 
 def configs(stage: str, standin: Path) -> list[str]:
-    common = bundle_dir("registration") / "configs" / "common.json"
-    return ([common.name] if common.exists() else []) + [stage, str(standin)]
+    """inference.json alone, or with a stage override (evaluate.json, ...), then the stand-in network."""
+    return ["inference.json", *([] if stage == "inference.json" else [stage]), str(standin)]
 
 
 def test_evaluate_model_and_field_folder(tiny_preprocessed, standin, tmp_path):

@@ -146,8 +146,8 @@ def test_verify_metadata():
 def test_verify_net_in_out():
     proc = run_bundle(
         "registration",
-        ["common.json"],
-        {"net_id": "network_def", "channel_multiplier": 1},
+        "inference.json",
+        {"net_id": "network_def"},
         entry="verify_net_in_out",
         timeout=120,
     )

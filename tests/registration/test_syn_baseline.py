@@ -41,7 +41,7 @@ def test_syn_config_end_to_end(tiny_preprocessed, tmp_path):
     out = tmp_path / "syn"
     run_bundle(
         "registration",
-        ["common.json", "syn_baseline.json"],
+        ["inference.json", "syn_baseline.json"],
         {"datalist": str(tiny_preprocessed), "output_dir": str(out), "syn_registration": FAST_SYN},
     )
     data = json.loads((out / "metrics.json").read_text())

@@ -20,7 +20,7 @@ pairs = import_bundle_module("registration", "scripts.pairs")
 training = import_bundle_module("registration", "scripts.training")
 transforms = import_bundle_module("registration", "scripts.transforms")
 
-COMMON = ["common.json", "train.json"]
+TRAIN = ["train.json"]
 # a tiny, fast run: narrow network, small crops, few pairs; booleans as Python literals for MONAI's CLI
 TINY_RUN = {
     "channel_multiplier": 1,
@@ -32,7 +32,7 @@ TINY_RUN = {
 }
 
 
-def _run(datalist: Path, out: Path, configs=COMMON, **overrides):
+def _run(datalist: Path, out: Path, configs=TRAIN, **overrides):
     args = {
         "datalist": str(datalist),
         "ckpt_dir": str(out / "models"),
@@ -77,7 +77,7 @@ def test_pair_dataset_one_crop_for_both(tiny_preprocessed):
     cases = pairs.load_cases(tiny_preprocessed, "training")
     ds = pairs.case_dataset(cases, pairs.case_transforms(True), cache_rate=1.0)
     window = transforms.CTWindowd(["moving", "fixed"], [[400, 40], [1000, 400]])
-    pair_ds = pairs.PairDataset(ds, pairs.pair_transforms([16, 24, 32], window), length=8)
+    pair_ds = pairs.PairDataset(ds, pairs.pair_crop_transforms([16, 24, 32], window), length=8)
     torch.manual_seed(1)
     seen = set()
     for i in range(len(pair_ds)):
@@ -90,7 +90,7 @@ def test_pair_dataset_one_crop_for_both(tiny_preprocessed):
         seen.add((item["moving_case"], item["fixed_case"]))
     assert len(seen) > 1
     # the same box is cut from every key: crop a case against itself and compare
-    twin = pairs.PairDataset(ds, pairs.pair_transforms([16, 24, 32]), pairs=[(3, 3)])
+    twin = pairs.PairDataset(ds, pairs.pair_crop_transforms([16, 24, 32]), pairs=[(3, 3)])
     item = twin[0]
     assert torch.equal(item["moving"], item["fixed"]) and torch.equal(
         item["moving_label"], item["fixed_label"]
@@ -100,13 +100,13 @@ def test_pair_dataset_one_crop_for_both(tiny_preprocessed):
     assert len(vpairs) == 3
     vds = pairs.PairDataset(
         pairs.case_dataset(vcases, pairs.case_transforms(True)),
-        pairs.pair_transforms(None, window),
+        pairs.pair_crop_transforms(None, window),
         pairs=vpairs,
     )
     item = vds[0]
     assert item["fixed"].shape[1:] == tuple(json.loads(Path(tiny_preprocessed).read_text())["shape"])
     batch = torch.utils.data.default_collate([item])
-    x, target = training.PairBatch()(batch)
+    x, target = training.TrainingBatch()(batch)
     assert x.shape[1] == 4 and target["annotated"].shape == (1, 13)
 
 
@@ -216,7 +216,7 @@ def test_train_symmetric_unsupervised_image_only(tiny_preprocessed, tmp_path):
 
 def test_train_localnet_baseline(tiny_preprocessed, tmp_path):
     out = tmp_path / "localnet"
-    _run(tiny_preprocessed, out, configs=[*COMMON, "train_localnet.json"], max_epochs=1, val_at_start="False")
+    _run(tiny_preprocessed, out, configs=[*TRAIN, "train_localnet.json"], max_epochs=1, val_at_start="False")
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=False)
     assert any(k.startswith("decode_deconvs") or "deconv" in k for k in state)
 
@@ -232,7 +232,7 @@ def test_multi_gpu_train_torchrun_gloo(tiny_preprocessed, tmp_path):
     args.update(max_epochs=1, pairs_per_epoch=4, val_at_start="False", dist_backend="gloo")
     proc = run_bundle(
         "registration",
-        [*COMMON, "multi_gpu_train.json"],
+        [*TRAIN, "multi_gpu_train.json"],
         args,
         nproc=2,
         env={"OMP_NUM_THREADS": "1"},

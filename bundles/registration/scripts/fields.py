@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage
 import torch
+
+from scripts.atomic import atomic_write
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 L2R_NAME = re.compile(r"^(?P<name>.+)_(?P<subject>\d{4})_(?P<suffix>\d{4})\.nii(\.gz)?$")
@@ -141,22 +142,6 @@ def world_to_voxel(disp_ras: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray
 # ----------------------------------------------------------------------------------------------
 # files (atomic: temp file in the same folder + os.replace)
 # ----------------------------------------------------------------------------------------------
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_nifti(
     path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=None, intent: str | None = None
 ) -> Path:
@@ -167,7 +152,7 @@ def save_nifti(
     img.set_sform(img.affine, code=1)
     if intent:
         img.header.set_intent(intent)
-    return _atomic(Path(path), lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def save_l2r_field(
@@ -182,7 +167,7 @@ def save_l2r_field(
         raise ValueError(f"expected a Learn2Reg field of shape (D, H, W, 3), got {arr.shape}")
     path = Path(path)
     if path.name.endswith(".npz"):
-        return _atomic(path, lambda tmp: np.savez_compressed(tmp, arr))
+        return atomic_write(path, lambda tmp: np.savez_compressed(tmp, arr))
     if not path.name.endswith(".nii.gz"):
         raise ValueError(f"{path}: a Learn2Reg field is written as .nii.gz or .npz")
     if arr.dtype == np.float16:
@@ -255,11 +240,3 @@ def warp_array(moving: np.ndarray, field: np.ndarray, order: int = 1, cval: floa
     )
     src = moving if order == 0 else moving.astype(np.float32)
     return scipy.ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=cval)
-
-
-def world_shift_of(moving_affine_original: np.ndarray, moving_affine_used: np.ndarray) -> np.ndarray:
-    """Translation (RAS mm) between the affine a moving scan was resampled with and its own one."""
-    diff = np.asarray(moving_affine_used, np.float64) - np.asarray(moving_affine_original, np.float64)
-    if not np.allclose(diff[:3, :3], 0, atol=1e-6):
-        raise ValueError("the moving affine was changed by more than a translation")
-    return diff[:3, 3]

@@ -61,7 +61,7 @@ def gradient_regulariser(gradients: list[torch.Tensor]) -> torch.Tensor:
 class RegistrationLoss(nn.Module):
     """``loss(pred, target)`` for MONAI's ``SupervisedTrainer``.
 
-    ``target`` is the dict made by ``scripts.training.PairBatch``: ``moving``, ``fixed`` (windowed
+    ``target`` is the dict made by ``scripts.training.TrainingBatch``: ``moving``, ``fixed`` (windowed
     images), optionally ``moving_label``, ``fixed_label`` (integer maps) and ``annotated``
     ((B, num_organs), 1 where the organ is annotated in BOTH cases).
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
 from monai.metrics.utils import get_mask_edges
+
+from scripts.atomic import atomic_write_text
 
 LABELS: tuple[int, ...] = tuple(range(1, 14))  # 13 organs, BTCV order (see DESIGN section 4)
 
@@ -228,20 +228,6 @@ def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
     return {"summary": summary, "aggregates": per_metric}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_safe(obj):
     """JSON without NaN/inf tokens (strict parsers reject them): they become null / "inf"."""
     if isinstance(obj, dict):
@@ -262,7 +248,7 @@ def _json_safe(obj):
 
 def write_json(path: Path, data: object) -> None:
     """Atomic JSON write (temp file + os.replace)."""
-    _atomic_write_text(Path(path), json.dumps(_json_safe(data), indent=2) + "\n")
+    atomic_write_text(Path(path), json.dumps(_json_safe(data), indent=2) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
@@ -277,7 +263,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: r.get(k, "") for k in columns})
-    _atomic_write_text(Path(path), buf.getvalue())
+    atomic_write_text(Path(path), buf.getvalue())
 
 
 def write_results(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["GradientRegNet", "gradient_to_ddf", "ddf_to_gradient_identity", "IDENTITY_GRADIENT"]
+__all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT"]
 
 # sigmoid(0): the gradient value of the identity transform (scaled to one voxel per voxel).
 IDENTITY_GRADIENT = 0.5
@@ -47,11 +47,6 @@ def gradient_to_ddf(gradient: torch.Tensor) -> torch.Tensor:
         idx = torch.arange(size, device=gradient.device, dtype=pos.dtype).view(1, *shape)
         out.append(pos - idx)
     return torch.stack(out, dim=1)
-
-
-def ddf_to_gradient_identity(like: torch.Tensor) -> torch.Tensor:
-    """The identity gradient field shaped like ``like`` (B, 3, *spatial): the regulariser's target."""
-    return torch.full_like(like, IDENTITY_GRADIENT)
 
 
 class _ConvStack(nn.Module):

@@ -29,7 +29,7 @@ __all__ = [
     "case_transforms",
     "case_dataset",
     "PairDataset",
-    "pair_transforms",
+    "pair_crop_transforms",
 ]
 
 # keys of one pair item: images, integer labels and the annotated vectors of both cases
@@ -190,7 +190,7 @@ def case_dataset(
     )
 
 
-def pair_transforms(
+def pair_crop_transforms(
     crop_size: Sequence[int] | None, windowing: Callable | None = None, with_labels: bool = True
 ) -> Compose:
     """ONE random crop (same box for both images and labels, ``None`` = full volume), then windowing."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from scripts.atomic import atomic_write  # noqa: E402
 from scripts.metrics import jacobian_determinant  # noqa: E402
 
 
@@ -78,15 +78,7 @@ def qc_figure(
             fig.colorbar(im, ax=axes[:, col].tolist(), shrink=0.6)
     folds = float(np.mean(det <= 0))
     fig.suptitle(f"{title}  (folded voxels: {folds:.2%})", fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

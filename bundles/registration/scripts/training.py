@@ -1,6 +1,6 @@
 """Pieces that plug the registration training into MONAI's Ignite workflows.
 
-``SupervisedTrainer`` is used as is: ``PairBatch`` hands the network the concatenated
+``SupervisedTrainer`` is used as is: ``TrainingBatch`` hands the network the concatenated
 (moving, fixed) tensor and hands the loss a dict with both images, labels and the organs
 annotated in both cases, so ``RegistrationLoss(pred, target)`` has everything it needs. The
 validation ``SupervisedEvaluator`` uses ``RegistrationDice``, the Learn2Reg DSC (moving labels
@@ -24,7 +24,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.networks.blocks import Warp
 
 __all__ = [
-    "PairBatch",
+    "TrainingBatch",
     "RegistrationDice",
     "pair_dice",
     "LossTermsHandler",
@@ -46,7 +46,7 @@ def ddf_of(pred: Any) -> torch.Tensor:
     return torch.as_tensor(pred)
 
 
-class PairBatch:
+class TrainingBatch:
     """``prepare_batch``: input = moving then fixed channels; target = dict for the loss and the metric."""
 
     def __init__(self, moving_key: str = "moving", fixed_key: str = "fixed") -> None:
@@ -91,7 +91,7 @@ def pair_dice(
 class RegistrationDice(Metric):
     """Mean over pairs of the per-pair nanmean organ Dice (Learn2Reg DSC); DDP-safe (summed over ranks)."""
 
-    required_output_keys = ("pred", "label")  # the evaluator's output dict; label = PairBatch target
+    required_output_keys = ("pred", "label")  # the evaluator's output dict; label = TrainingBatch target
 
     def __init__(
         self,

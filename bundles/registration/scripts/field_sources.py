@@ -1,0 +1,73 @@
+"""Where a pair's displacement field comes from: the network (``InferenceBatch`` feeds it), a
+folder of Learn2Reg fields, or ANTs SyN. Each is a piece of one MONAI ``SupervisedEvaluator``
+(``prepare_batch`` or ``iteration_update``), so outputs and metrics are identical for every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine
+
+from scripts import fields as F
+from scripts.inputs import InputError
+
+__all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration"]
+
+
+class InferenceBatch:
+    """``prepare_batch``: network input = moving channels then fixed channels, one tensor."""
+
+    def __init__(self, moving_key: str = "input_moving", fixed_key: str = "input_fixed") -> None:
+        self.moving_key, self.fixed_key = moving_key, fixed_key
+
+    def __call__(self, batch: dict, device=None, non_blocking: bool = False, **kwargs):
+        x = torch.cat(
+            [torch.as_tensor(batch[self.moving_key]), torch.as_tensor(batch[self.fixed_key])], dim=1
+        )
+        return x.to(device=device, non_blocking=non_blocking), None
+
+
+class FieldFolderIteration:
+    """``iteration_update`` that reads each pair's Learn2Reg field from a folder (any method)."""
+
+    def __init__(self, field_dir: str) -> None:
+        self.field_dir = Path(field_dir)
+        if not self.field_dir.is_dir():
+            raise InputError(f"{self.field_dir}: field folder not found")
+
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        ddfs = []
+        for fixed, moving in zip(batch["path_fixed"], batch["path_moving"], strict=True):
+            field = F.load_l2r_field(F.find_field(self.field_dir, fixed, moving))
+            if tuple(field.shape[:3]) != tuple(batch["fixed"].shape[2:]):
+                raise InputError(
+                    f"field for {fixed} / {moving} has shape {field.shape}, scans {tuple(batch['fixed'].shape[2:])}"
+                )
+            ddfs.append(F.l2r_to_ddf(field))
+        return {"pred": torch.stack(ddfs)}
+
+
+class SynIteration:
+    """``iteration_update`` running ANTs SyN (antspyx) per pair; the runtime goes to the metrics."""
+
+    def __init__(self, registration: dict, clip_hu: Sequence[float] | None = (-1000.0, 1500.0)) -> None:
+        self.registration = dict(registration)
+        self.clip_hu = tuple(clip_hu) if clip_hu else None
+
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        from scripts.syn import register_pair  # antspyx only for this stage
+
+        ddfs, runtimes = [], []
+        for b in range(batch["fixed"].shape[0]):
+            fixed, moving = batch["fixed"][b, 0], batch["moving"][b, 0]
+            aff = np.asarray(fixed.affine, np.float64)
+            field, seconds = register_pair(
+                fixed.numpy(), moving.numpy(), aff, aff, clip_hu=self.clip_hu, **self.registration
+            )
+            ddfs.append(F.l2r_to_ddf(field))
+            runtimes.append(seconds)
+        return {"pred": torch.stack(ddfs), "runtime_s": runtimes}

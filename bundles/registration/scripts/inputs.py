@@ -1,0 +1,91 @@
+"""Where the pairs to register come from, and the error every stage raises for bad input.
+
+Sources: one pair on the command line, our datalist or a Learn2Reg ``AbdomenCTCT_dataset.json``,
+or the Learn2Reg 2020 pairs CSV. Paths come back absolute, so later stages never depend on the
+working folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+__all__ = ["InputError", "IMAGE_KEYS", "LABEL_KEYS", "load_pairs"]
+
+IMAGE_KEYS = ("fixed", "moving")
+LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
+
+
+class InputError(ValueError):
+    """Bad input for a pair; the message names the file and the reason."""
+
+
+def _resolve(path: str | None, root: Path) -> str | None:
+    if path is None or path == "":
+        return None
+    p = Path(os.path.expanduser(str(path)))
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def _with_labels(pair: dict, root: Path) -> dict:
+    """Resolve paths; where no label is given, use ``labels`` next to ``images`` (the evaluator's rule)."""
+    out = {k: _resolve(pair.get(k), root) for k in (*IMAGE_KEYS, *LABEL_KEYS)}
+    for img, lab in zip(IMAGE_KEYS, LABEL_KEYS, strict=True):
+        if out[lab] is None and out[img] and "images" in out[img]:
+            guess = out[img].replace("images", "labels")
+            out[lab] = guess if os.path.isfile(guess) else None
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def load_pairs(
+    pairs_file: str | None = None,
+    key: str = "registration_val",
+    data_root: str | None = None,
+    fixed: str | None = None,
+    moving: str | None = None,
+    fixed_label: str | None = None,
+    moving_label: str | None = None,
+) -> list[dict]:
+    """Pairs to register, as ``{"fixed", "moving"[, "fixed_label", "moving_label"]}`` absolute paths.
+
+    Sources: one pair (``fixed``/``moving`` given), our datalist or a Learn2Reg
+    ``AbdomenCTCT_dataset.json`` (list ``key``), or the 2020 pairs CSV (header ``fixed, moving``,
+    subject numbers -> ``img/imgNNNN.nii.gz``, ``label/labelNNNN.nii.gz``; or paths). Relative paths
+    are resolved against ``data_root`` (default: the list's folder).
+    """
+    if fixed or moving:
+        if not (fixed and moving):
+            raise InputError("one-pair mode needs both --fixed and --moving")
+        root = Path(data_root or os.getcwd())
+        pair = {"fixed": fixed, "moving": moving, "fixed_label": fixed_label, "moving_label": moving_label}
+        return [{k: _resolve(v, root) for k, v in pair.items() if v}]
+    if not pairs_file:
+        raise InputError("give either --fixed/--moving or --pairs_file")
+    path = Path(pairs_file)
+    if not path.is_file():
+        raise InputError(f"{path}: pairs file not found")
+    root = Path(data_root) if data_root else path.parent
+    if path.suffix.lower() == ".csv":
+        pairs = []
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f, skipinitialspace=True):
+                row = {k.strip(): v.strip() for k, v in row.items() if k}
+                item = {}
+                for k in IMAGE_KEYS:
+                    v = row[k]
+                    if v.isdigit():
+                        item[k] = f"img/img{int(v):04d}.nii.gz"
+                        item[f"{k}_label"] = f"label/label{int(v):04d}.nii.gz"
+                    else:
+                        item[k] = v
+                pairs.append({k: _resolve(v, root) for k, v in item.items()})
+        return pairs
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable pairs list ({exc})") from exc
+    if key not in data:
+        raise InputError(f"{path}: no list {key!r} (has {sorted(data)})")
+    return [_with_labels(p, root) for p in data[key]]
