@@ -2,12 +2,13 @@
 
 A studies folder holds one synthetic scan (the fixed image), the same subject stored differently as the
 moving scan (axes 0 and 1 reversed in the array with the affine saying so, moved 30/-24/18 mm in scanner
-coordinates, +100 HU), both with their organ labels as the datastore's `final` labels, and a 2D and a 4D
-image. The app is a copy of tools/monailabel_app whose `model/` holds copies of the two bundles at the
-tiny grid (6 mm, 48x40x64) with small networks and weights saved from their initialisation: the
-segmentation is untrained, and the registration network starts at the identity (zero last layer), so
-what registers the pair is the bundle's raw-pair geometry (resampling from the affines, centre
-alignment). Nothing here imports MONAI Label: in the core environment the test modules skip themselves.
+coordinates, +100 HU), both with their organ labels as the datastore's `final` labels, a 2D and a 4D
+image, and a scan with a NaN voxel. The app is a copy of tools/monailabel_app whose `model/` holds copies
+of the two bundles at the tiny grid (6 mm, 48x40x64) with small networks and weights saved from their
+initialisation: the segmentation is untrained, and the registration network starts at the identity (zero
+last layer), so what registers the pair is the bundle's raw-pair geometry (resampling from the affines,
+centre alignment). Nothing here imports MONAI Label: in the core environment the test modules skip
+themselves.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def studies(tmp_path_factory) -> Path:
         nib.save(nib.Nifti1Image((data + offset).astype(dtype), aff), folder / f"{MOVING_ID}.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((48, 40), np.int16), np.eye(4)), root / "flat_2d.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((48, 40, 64, 3), np.int16), np.eye(4)), root / "series_4d.nii.gz")
+    nan = np.zeros((48, 40, 64), np.float32)
+    nan[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.diag([6.0, 6.0, 6.0, 1.0])), root / "nan_scan.nii.gz")
     outside = tmp_path_factory.mktemp("outside") / "other.nii.gz"
     shutil.copy(root / name, outside)
     return root
@@ -110,27 +114,26 @@ def _copy_bundle(name: str, dest: Path, overrides: dict) -> Path:
     return out
 
 
-def _save_initial_weights(bundle: Path) -> None:
-    """``models/model.pt``: the state dict of the bundle's ``network_def`` as initialised (seed 0)."""
-    code = (
-        "import sys, torch; from monai.bundle import ConfigParser; torch.manual_seed(0); "
-        "p = ConfigParser(); p.read_config(sys.argv[1]); "
-        "torch.save(p.get_parsed_content('network_def').state_dict(), sys.argv[2])"
-    )
-    env = {**os.environ, "PYTHONPATH": str(bundle)}
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(bundle / "configs" / "inference.json"),
-            str(bundle / "models" / "model.pt"),
-        ],
-        cwd=bundle,
-        env=env,
-        check=True,
-        timeout=300,
-    )
+# One interpreter for all bundles (imports dominate): each bundle's `scripts` is imported from its own root.
+_SAVE_INITIAL_WEIGHTS = """
+import sys, torch
+from monai.bundle import ConfigParser
+for bundle in sys.argv[1:]:
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, bundle)
+    torch.manual_seed(0)
+    parser = ConfigParser()
+    parser.read_config(bundle + "/configs/inference.json")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle + "/models/model.pt")
+    sys.path.remove(bundle)
+"""
+
+
+def _save_initial_weights(*bundles: Path) -> None:
+    """``models/model.pt`` of each bundle: the state dict of its ``network_def`` as initialised (seed 0)."""
+    cmd = [sys.executable, "-c", _SAVE_INITIAL_WEIGHTS, *map(str, bundles)]
+    subprocess.run(cmd, check=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
@@ -140,8 +143,9 @@ def app_dir(tmp_path_factory) -> Path:
     shutil.copytree(APP_SRC, app, ignore=shutil.ignore_patterns("__pycache__", "model", "logs", "bin"))
     model = app / "model"
     model.mkdir()
-    _save_initial_weights(_copy_bundle("segmentation", model, SEG_TINY))
-    _save_initial_weights(_copy_bundle("registration", model, REG_TINY))
+    _save_initial_weights(
+        _copy_bundle("segmentation", model, SEG_TINY), _copy_bundle("registration", model, REG_TINY)
+    )
     return app
 
 

@@ -87,6 +87,12 @@ def test_registration_is_returned_not_saved_as_a_label(app, studies):
             404,
             "neither an image id",
         ),
+        # found by the registration bundle itself, in its subprocess (its InputError names the file)
+        (
+            {"model": "registration", "image": FIXED_ID, "moving": "nan_scan"},
+            422,
+            "nan_scan.nii.gz: moving has 1 NaN or infinite voxels",
+        ),
     ],
 )
 def test_bad_requests_get_4xx(app, request_, status, message):
