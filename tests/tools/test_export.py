@@ -256,6 +256,8 @@ def test_export_refuses_what_it_cannot_publish_honestly(exported, tmp_path):
         export("registration", metrics=evaluation, channel_multiplyer=1, model=model, data="tiny")
     with pytest.raises(ExportError, match="exists"):
         export("registration", metrics=evaluation, version=VERSION, **{**common, "out": str(tmp / "dist")})
+    with pytest.raises(ExportError, match="registration_baseline is not done"):  # nothing ran in tmp_path
+        export("registration", stage="registration_baseline", pipeline="tiny", work=str(tmp_path), data="x")
     fields = tmp_path / "fields.json"  # an evaluation of a folder of fields is not this network's
     fields.write_text(json.dumps({"summary": {"num_pairs": 2, "dice": 0.4}, "method": "fields: /x"}))
     with pytest.raises(ExportError, match="not a network"):
