@@ -496,8 +496,6 @@ def test_seeded_syn_run_is_reproducible(tmp_path):
         [sys.executable, "-c", SYN_TWICE, *args], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = (
-        nib.load(tmp_path / "out" / r / "submission" / "disp_0001_0000_0002_0000.nii.gz") for r in "ab"
-    )
+    a, b = (nib.load(tmp_path / "out" / r / "submission" / "disp_0001_0000_0002_0000.nii.gz") for r in "ab")
     assert np.abs(a.get_fdata()).max() > 0.5
     np.testing.assert_array_equal(a.get_fdata(), b.get_fdata())

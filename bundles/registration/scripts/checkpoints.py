@@ -28,7 +28,7 @@ from scripts.inputs import InputError
 __all__ = [
     "AtomicCheckpointSaver",
     "latest_checkpoint",
-    "train_unless_finished",
+    "run_unless_finished",
     "check_weights",
     "checkpoint_handlers",
 ]
@@ -116,7 +116,7 @@ def latest_checkpoint(
     return None
 
 
-def train_unless_finished(trainer: Engine, resume_checkpoint: str | None = None) -> None:
+def run_unless_finished(trainer: Engine, resume_checkpoint: str | None = None) -> None:
     """Run ``trainer`` unless the checkpoint it resumed from already reached ``max_epochs``.
 
     Ignite restarts a finished engine from epoch 0, so a rerun of a finished training would train
