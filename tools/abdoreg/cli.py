@@ -10,7 +10,7 @@ from pathlib import Path
 
 import fire
 
-from .pipeline import PIPELINES, Interrupted, Runner, read_spec
+from .pipeline import PIPELINES, Interrupted, Runner, StageFailed, read_spec
 
 
 def synth(
@@ -130,6 +130,9 @@ def main() -> None:
     except UsageError as exc:
         print(f"abdoreg: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StageFailed as exc:  # the cause is in the message; a traceback of the runner adds nothing
+        print(f"abdoreg: {exc}", file=sys.stderr)
+        sys.exit(1)
     except Interrupted as exc:  # the running stages have been ended; do not wait for built-in steps
         print(f"abdoreg: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -8,8 +8,9 @@ an interrupted training stage is simply run again and resumes from the checkpoin
 left. With ``jobs`` > 1, stages whose inputs do not come from each other run at the same time
 (like ``make -j``): a stage waits for every earlier stage that writes one of its inputs (a path
 equal to, inside, or containing an output or its folder) or that it names in ``after``.
-Each stage process runs in its own process group; SIGTERM or SIGINT to the runner ends every
-running stage with its own children (e.g. preprocessing workers) before the runner exits.
+SIGTERM or SIGINT to the runner ends every running stage with all its descendants (e.g.
+preprocessing workers) before the runner exits. Stages stay in the runner's process group, so
+``kill -- -PGID`` (the only way to reach them after a SIGKILL of the runner alone) ends them too.
 This module holds no stage logic: what a stage does lives in the bundle's config.
 """
 
@@ -190,7 +191,40 @@ def bundle_command(stage: Stage) -> list[str]:
     return cmd
 
 
-class Interrupted(BaseException):
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an ended one waiting to be reaped is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)  # no /proc (not Linux): existence is all we can tell
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return state not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, parents first (Linux ``/proc``; elsewhere ``pid`` alone)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        found.append(queue.pop(0))
+        queue += children.get(found[-1], [])
+    return found
+
+
+class StageFailed(RuntimeError):
+    """A stage's process failed; the message names its log and quotes the exception lines."""
+
+
+class Interrupted(KeyboardInterrupt):
     """The runner got SIGTERM or SIGINT: its running stages were ended, it stops."""
 
     def __init__(self, signum: int) -> None:
@@ -263,21 +297,24 @@ class Runner:
         return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
 
     def _end_children(self, grace: float = 10.0) -> None:
-        """SIGTERM to every running stage's process group, SIGKILL to what is left after ``grace`` s."""
+        """SIGTERM to every running stage and its descendants, SIGKILL to those left after ``grace`` s."""
         with self._lock:
             children = list(self._children)
+        targets = [pid for proc in children for pid in descendants(proc.pid)]  # before any is reparented
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for proc in children:
+            for pid in targets:
                 try:
-                    os.killpg(proc.pid, sig)
+                    os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
             deadline = time.monotonic() + grace
-            for proc in children:
-                try:
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+            while time.monotonic() < deadline:
+                for proc in children:
+                    proc.poll()  # reaps our own children
+                targets = [pid for pid in targets if _running(pid)]
+                if not targets:
+                    return
+                time.sleep(0.05)
 
     def _run(self, selected: list[Stage]) -> list[tuple[str, str, float]]:
         deps = dependencies(selected)
@@ -347,10 +384,7 @@ class Runner:
         with log.open("w") as fh:
             fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             fh.flush()
-            # Its own process group: a signal to the runner is forwarded to the stage and its children.
-            proc = subprocess.Popen(
-                cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            proc = subprocess.Popen(cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT)
             with self._lock:
                 self._children.add(proc)
             try:
@@ -363,7 +397,7 @@ class Runner:
             cause = exception_lines(text)
             tail = "".join(text.splitlines(keepends=True)[-15:])
             because = "\n".join(["cause (the exception lines of the log):", *cause, ""]) if cause else ""
-            raise RuntimeError(
+            raise StageFailed(
                 f"stage {stage.name} failed (exit {proc.returncode}), log {log}\n{because}"
                 f"last lines of the log:\n{tail}"
             )
