@@ -29,9 +29,9 @@ def _pipeline(path: Path, stages: list[dict], variables: dict | None = None) -> 
     return path
 
 
-def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "abdoreg.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "abdoreg.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -47,8 +47,8 @@ def test_run_help_prints_help_and_runs_nothing(tmp_path):
 def test_unknown_option_is_an_error_listing_the_valid_ones(tmp_path):
     config = _pipeline(tmp_path / "p.yaml", [], {"steps": "3"})
     work = tmp_path / "work"
-    proc = _cli("pipeline", "run", "--config", str(config), "--wrok", str(work))
-    assert proc.returncode == 2 and not work.exists() and not Path("runs/demo").exists()
+    proc = _cli("pipeline", "run", "--config", str(config), "--wrok", str(work), cwd=tmp_path)
+    assert proc.returncode == 2 and not work.exists() and not (tmp_path / "runs").exists(), "it ran"
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("abdoreg: error: unknown option --wrok"), proc.stderr
     assert all(f"--{o}" in message for o in ("config", "work", "start", "only", "jobs", "steps")), message
