@@ -39,6 +39,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_path
 from .pipeline import REPO, Runner, Stage
 
 BUNDLES = REPO / "bundles"
@@ -298,21 +299,13 @@ def check_network(bundle_dir: Path, configs: Iterable[str], model: object = "mod
 
 
 def _write_zip(folder: Path, name: str, target: Path) -> None:
-    """Zip ``folder`` as ``<name>/...`` into ``target`` atomically (temp file beside it, then rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".zip")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                info = zipfile.ZipInfo(f"{name}/{path.relative_to(folder).as_posix()}", FIXED_ZIP_TIME)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, path.read_bytes())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Zip ``folder`` as ``<name>/...`` into ``target`` atomically, with fixed times (same content, same bytes)."""
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            info = zipfile.ZipInfo(f"{name}/{path.relative_to(folder).as_posix()}", FIXED_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, path.read_bytes())
 
 
 def _readme_section(
