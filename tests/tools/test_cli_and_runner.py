@@ -162,3 +162,32 @@ def test_killing_the_pipeline_ends_its_stages_and_their_workers(tmp_path, sig):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
+
+
+def test_a_changed_finished_training_starts_afresh_and_an_interrupted_one_resumes(tmp_path, monkeypatch):
+    """The bundles leave a finished training alone; after a change the runner removes its checkpoints
+    (so it trains anew), while an interrupted run (no stamp) keeps them (so it resumes)."""
+    models = tmp_path / "models"
+    config = _pipeline(
+        tmp_path / "p.yaml",
+        [{"name": "train", "bundle": "registration", "configs": ["train.json"],
+          "overrides": {"ckpt_dir": str(models), "max_epochs": "{epochs}"}, "outputs": [str(models / "model.pt")]}],
+        {"epochs": "2"},
+    )  # fmt: skip
+    seen = []
+
+    def fake_execute(self, stage):  # stands in for the bundle: records what it would resume from
+        seen.append(sorted(p.name for p in models.glob("*.pt")))
+        models.mkdir(exist_ok=True)
+        for name in ("checkpoint_epoch=2.pt", "model.pt"):
+            (models / name).write_text(stage.overrides["max_epochs"])
+
+    monkeypatch.setattr(Runner, "_execute", fake_execute)
+    Runner(config, tmp_path / "work", echo=lambda _: None).run()
+    Runner(config, tmp_path / "work", echo=lambda _: None).run()  # unchanged: skipped
+    assert seen == [[]]
+    Runner(config, tmp_path / "work", {"epochs": "3"}, echo=lambda _: None).run()  # changed: afresh
+    assert seen == [[], []]
+    (tmp_path / "work" / "stamps" / "train.json").unlink()  # as if the last run had been killed
+    Runner(config, tmp_path / "work", {"epochs": "3"}, echo=lambda _: None).run()
+    assert seen[-1] == ["checkpoint_epoch=2.pt", "model.pt"]  # kept: the bundle resumes

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -357,6 +358,7 @@ class Runner:
     def _run_stage(self, stage: Stage) -> tuple[str, str, float]:
         t0 = time.time()
         self.echo(f"[run ] {stage.name} (log: {self.work / 'logs' / (stage.name + '.log')})")
+        self._forget_stale_run(stage)
         self._execute(stage)
         missing = [p for p in stage.outputs if not Path(p).exists()]
         if missing:
@@ -365,6 +367,24 @@ class Runner:
         write_text(stamp, json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
         self.echo(f"[done] {stage.name} in {time.time() - t0:.0f} s")
         return stage.name, "done", time.time() - t0
+
+    def _forget_stale_run(self, stage: Stage) -> None:
+        """A stage that finished before with other inputs, configs or code starts afresh.
+
+        Its resumable state (the ``ckpt_dir`` a bundle stage writes checkpoints to) is removed with its
+        stamp; a stage with no stamp was interrupted, so its state stays and the bundle resumes from it.
+        Without this a bundle would see its finished checkpoint and leave the old result in place.
+        """
+        stamp = self.work / "stamps" / f"{stage.name}.json"
+        if not stamp.exists():
+            return
+        state = stage.overrides.get("ckpt_dir") if stage.bundle else None
+        if state and Path(state).is_dir():
+            self.echo(
+                f"[new ] {stage.name}: inputs, configs or code changed since it finished; removing {state}"
+            )
+            shutil.rmtree(state)
+        stamp.unlink()
 
     def _execute(self, stage: Stage) -> None:
         log = self.work / "logs" / f"{stage.name}.log"
