@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from abdoreg.export import ExportError, export
-from tests.bundle_import import REPO, SCHEMA, bundle_dir, import_bundle_module
+from tests.bundle_import import REPO, bundle_dir, import_bundle_module, metadata_schema
 
 networks = import_bundle_module("registration", "scripts.networks")
 metrics = import_bundle_module("registration", "scripts.metrics")
@@ -130,11 +130,10 @@ def test_exported_metadata_passes_the_monai_schema(exported):
     """The zoo's first check (`verify_metadata`), on the stamped metadata, offline against the local schema."""
     import jsonschema
 
-    if not SCHEMA.is_file():
-        pytest.skip(f"MONAI metadata schema not found at {SCHEMA} (kept beside the repository)")
+    schema = metadata_schema()  # skips, with the reason, where the schema is absent
     with zipfile.ZipFile(exported["archive"]) as zf:
         meta = json.loads(zf.read(f"{NAME}/configs/metadata.json"))
-    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(meta, json.loads(schema.read_text()))
 
 
 def test_download_offline_load_and_run_outside_the_repository(exported, tiny_cohorts, tmp_path):
