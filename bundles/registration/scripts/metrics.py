@@ -46,29 +46,37 @@ def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
     """Determinant of the Jacobian of x + u(x), cropped by 2 voxels on each side.
 
     ``disp`` is (D, H, W, 3) in voxels. Central differences (kernel [-0.5, 0, 0.5]) with zero
-    padding, as the evaluator's ``jacobian_determinant`` (which takes (1, 3, D, H, W)).
+    padding, as the evaluator's ``jacobian_determinant`` (which takes (1, 3, D, H, W)). The zero
+    padding only touches the outermost voxel, which the crop removes, so the differences are taken
+    on the cropped block alone: ``0.5 * (u[i+1] - u[i-1])``, the same float64 numbers as the
+    evaluator's correlation (scaling by 0.5 is exact), in a fraction of its time and memory.
     """
     disp = np.asarray(disp, dtype=np.float64)
-    kernel = np.array([-0.5, 0.0, 0.5])
-    jac = np.empty((3, 3, *disp.shape[:3]))
-    for axis in range(3):  # derivative direction
-        shape = [1, 1, 1]
-        shape[axis] = 3
-        k = kernel.reshape(shape)
-        for comp in range(3):
-            jac[axis, comp] = scipy.ndimage.correlate(disp[..., comp], k, mode="constant", cval=0.0)
-    jac += np.eye(3).reshape(3, 3, 1, 1, 1)
-    j = jac[:, :, 2:-2, 2:-2, 2:-2]
-    return (
-        j[0, 0] * (j[1, 1] * j[2, 2] - j[1, 2] * j[2, 1])
-        - j[1, 0] * (j[0, 1] * j[2, 2] - j[0, 2] * j[2, 1])
-        + j[2, 0] * (j[0, 1] * j[1, 2] - j[0, 2] * j[1, 1])
-    )
+    inner = tuple(slice(2, s - 2) for s in disp.shape[:3])
+
+    def d(comp: int, axis: int) -> np.ndarray:
+        lo, hi = list(inner), list(inner)
+        lo[axis] = slice(inner[axis].start - 1, inner[axis].stop - 1)
+        hi[axis] = slice(inner[axis].start + 1, inner[axis].stop + 1)
+        out = disp[(*hi, comp)] - disp[(*lo, comp)]
+        out *= 0.5
+        if axis == comp:
+            out += 1.0
+        return out
+
+    # j[a][c] = d(x + u)_c / dx_a, laid out as the evaluator's jac[axis, comp]
+    det = d(0, 0) * (d(1, 1) * d(2, 2) - d(2, 1) * d(1, 2))
+    det -= d(0, 1) * (d(1, 0) * d(2, 2) - d(2, 0) * d(1, 2))
+    det += d(0, 2) * (d(1, 0) * d(2, 1) - d(2, 0) * d(1, 1))
+    return det
 
 
-def jacobian_stats(disp: np.ndarray) -> dict[str, float]:
-    """Official SDlogJ, the honest std(log det) over det > 0, and the folded fraction (det <= 0)."""
-    det = jacobian_determinant(disp)
+def jacobian_stats(disp: np.ndarray, det: np.ndarray | None = None) -> dict[str, float]:
+    """Official SDlogJ, the honest std(log det) over det > 0, and the folded fraction (det <= 0).
+
+    ``det``: ``jacobian_determinant(disp)`` when the caller has it already (the QC figure shows it too).
+    """
+    det = jacobian_determinant(disp) if det is None else det
     official = float(np.log(np.clip(det + 3, 1e-9, 1e9)).std())
     positive = det[det > 0]
     honest = float(np.log(positive).std()) if positive.size else math.nan
@@ -132,25 +140,61 @@ def _nanmean(values: Sequence[float]) -> float:
     return math.nan if np.all(np.isnan(arr)) else float(np.nanmean(arr))
 
 
+def _boxes(seg: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
+    """Bounding box of each label (None where absent), from one pass over the volume."""
+    top = max(labels, default=0)
+    found = scipy.ndimage.find_objects(np.where(seg <= top, seg, 0).astype(np.int32), max_label=top)
+    return {lab: found[lab - 1] if lab >= 1 else None for lab in labels}
+
+
+def _union(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    if a is None or b is None:
+        return a or b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b, strict=True))
+
+
+def _isotropic(spacing: Sequence[float]) -> bool:
+    return max(spacing) - min(spacing) <= 1e-9 * max(spacing)
+
+
 def label_metrics(
     fixed_seg: np.ndarray,
     moving_seg: np.ndarray,
     warped_seg: np.ndarray,
     labels: Iterable[int] = LABELS,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    hd95: bool = True,
 ) -> dict[str, float]:
-    """Per-organ DSC, HD95 (voxels, the official unit spacing) and HD95 in mm, and their nanmeans."""
+    """Per-organ DSC, HD95 (voxels, the official unit spacing) and HD95 in mm, and their nanmeans.
+
+    Each organ is scored inside the box that holds it in the fixed and the warped labels (Dice and
+    distances do not change outside it). With isotropic spacing the distances in mm are those in
+    voxels times the spacing and the surfel weights scale uniformly, so HD95 in mm is HD95 times
+    the spacing (computed once); anisotropic spacing computes it separately. ``hd95=False``: Dice only.
+    """
+    labels = [int(lab) for lab in labels]
+    fixed_boxes, warped_boxes = _boxes(fixed_seg, labels), _boxes(warped_seg, labels)
+    moving_boxes = _boxes(moving_seg, labels)
+    iso = _isotropic(spacing_mm)
     out: dict[str, float] = {}
     dsc, hd, hd_mm = [], [], []
     for lab in labels:
-        fixed_mask = fixed_seg == lab
-        warped_mask = warped_seg == lab
-        if not fixed_mask.any() or not (moving_seg == lab).any():
+        if fixed_boxes[lab] is None or moving_boxes[lab] is None:
             d = h = hm = math.nan
         else:
+            # one voxel of margin: robust_hausdorff then crops to exactly the lattice it uses on the full volume
+            box = tuple(
+                slice(max(b.start - 1, 0), b.stop + 1) for b in _union(fixed_boxes[lab], warped_boxes[lab])
+            )
+            fixed_mask, warped_mask = fixed_seg[box] == lab, warped_seg[box] == lab
             d = dice(fixed_mask, warped_mask)
-            h = robust_hausdorff(fixed_mask, warped_mask, (1.0, 1.0, 1.0))
-            hm = robust_hausdorff(fixed_mask, warped_mask, spacing_mm)
+            if not hd95:
+                h = hm = math.nan
+            else:
+                h = robust_hausdorff(fixed_mask, warped_mask, (1.0, 1.0, 1.0))
+                hm = (
+                    h * float(spacing_mm[0]) if iso else robust_hausdorff(fixed_mask, warped_mask, spacing_mm)
+                )
         out[f"dice_{lab}"], out[f"hd95_{lab}"], out[f"hd95_mm_{lab}"] = d, h, hm
         dsc.append(d)
         hd.append(h)
@@ -165,8 +209,14 @@ def pair_metrics(
     moving_seg: np.ndarray | None = None,
     labels: Iterable[int] = LABELS,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    warped_seg: np.ndarray | None = None,
+    det: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All metrics of one pair from its Learn2Reg field (D, H, W, 3) and, when given, its labels."""
+    """All metrics of one pair from its Learn2Reg field (D, H, W, 3) and, when given, its labels.
+
+    ``warped_seg``: the moving labels already warped by ``warp_labels`` with this field (the writer
+    warps them once for its output file and the metrics); ``det``: its ``jacobian_determinant``.
+    """
     disp = np.asarray(disp, dtype=np.float64)
     out: dict[str, float] = {}
     if fixed_seg is not None and moving_seg is not None:
@@ -175,16 +225,11 @@ def pair_metrics(
             raise ValueError(
                 f"shape mismatch: fixed labels {fixed_seg.shape}, moving labels {moving_seg.shape}, field {disp.shape}"
             )
-        warped = warp_labels(moving_seg, disp)
-        initial = [
-            dice(fixed_seg == lab, moving_seg == lab)
-            if (fixed_seg == lab).any() and (moving_seg == lab).any()
-            else math.nan
-            for lab in labels
-        ]
-        out["dice_initial"] = _nanmean(initial)
+        warped = warp_labels(moving_seg, disp) if warped_seg is None else np.asarray(warped_seg)
+        initial = label_metrics(fixed_seg, moving_seg, moving_seg, labels, spacing_mm, hd95=False)
+        out["dice_initial"] = initial["dice"]
         out.update(label_metrics(fixed_seg, moving_seg, warped, labels, spacing_mm))
-    out.update(jacobian_stats(disp))
+    out.update(jacobian_stats(disp, det))
     return out
 
 
