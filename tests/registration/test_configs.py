@@ -32,7 +32,7 @@ def test_train_and_inference_share_grid_windows_and_network():
 def test_overrides_do_not_copy_inference():
     """evaluate and the ANTs baseline are small overrides: they change outputs and the field source only."""
     infer = _raw("inference.json")
-    for name in ("evaluate.json", "syn_baseline.json"):
+    for name in ("evaluate.json", "syn_baseline.json", "convexadam_baseline.json"):
         override = _raw(name)
         assert not set(override) & {*SHARED, "preprocessing", "dataset", "dataloader", "evaluator", "writer"}
         assert len(override) < len(infer) / 2
