@@ -14,7 +14,7 @@ CONFIGS = bundle_dir("registration") / "configs"
 # What a model trained with train.json needs to be read by inference.json (and every override of it).
 SHARED = [
     "spatial_size", "pixdim", "pad_value", "num_organs", "labels", "ct_windows", "multi_window",
-    "input_windows", "in_channels", "channel_multiplier", "base_channels", "blocks_per_level",
+    "input_windows", "in_channels", "channel_multiplier", "downsample", "base_channels", "blocks_per_level",
     "deep_supervision", "network_def",
 ]  # fmt: skip
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import fire
 
+from .bench_infer import bench_infer
 from .pipeline import PIPELINES, Runner
 from .synth import ALL_COHORTS, generate
 
@@ -69,7 +70,7 @@ def demo(work: str = "runs/demo", jobs: int | None = None) -> None:
     print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
 
 
-COMMANDS = {"synth": synth, "pipeline": Pipeline, "demo": demo}
+COMMANDS = {"synth": synth, "pipeline": Pipeline, "demo": demo, "bench_infer": bench_infer}
 
 
 def main() -> None:

@@ -25,12 +25,14 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage
 import torch
+from monai.networks.blocks import Warp
 
 from scripts.atomic import atomic_write
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 L2R_NAME = re.compile(r"^(?P<name>.+)_(?P<subject>\d{4})_(?P<suffix>\d{4})\.nii(\.gz)?$")
 FIELD_EXTS = (".nii.gz", ".npz")
+_WARP_LINEAR = Warp(mode="bilinear", padding_mode="zeros")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,3 +242,18 @@ def warp_array(moving: np.ndarray, field: np.ndarray, order: int = 1, cval: floa
     )
     src = moving if order == 0 else moving.astype(np.float32)
     return scipy.ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=cval)
+
+
+def warp_image(moving: np.ndarray, field: np.ndarray, cval: float = 0.0) -> np.ndarray:
+    """Linear ``moving(x + u(x))`` with MONAI ``Warp`` (torch ``grid_sample``, every thread): the warped
+    image the writer saves and shows. Equal to ``warp_array(order=1)`` to float32 rounding wherever
+    ``x + u(x)`` falls inside the moving scan; outside it blends to ``cval`` over one voxel instead of
+    switching at the edge. Labels keep ``warp_array`` (the evaluator's nearest neighbour, exactly).
+    """
+    moving = np.asarray(moving, np.float32)
+    if field.shape[:3] != moving.shape[:3] or field.shape[-1] != 3:
+        raise ValueError(f"field {field.shape} does not fit the moving array {moving.shape}")
+    with torch.no_grad():
+        src = torch.from_numpy(moving - np.float32(cval))[None, None]
+        out = _WARP_LINEAR(src, l2r_to_ddf(field)[None])[0, 0]
+    return out.numpy() + np.float32(cval)

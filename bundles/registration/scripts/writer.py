@@ -56,7 +56,8 @@ class RegistrationWriter:
     background thread (zlib compression releases the GIL) while the main thread computes that pair's
     metrics; they are finished before the pair's row is returned, so no arrays outlive their pair. Each row also records where the pair's time went (``time_load_s``,
     ``time_field_s`` = network or classical method, ``time_warp_s``, ``time_metrics_s``,
-    ``time_write_s``, ``time_pair_s`` from loading to metrics) and the process's peak memory so far
+    ``time_write_s``, ``time_pair_s`` from loading to metrics, ``cpu_pair_s`` its CPU seconds, all
+    threads) and the process's peak memory so far
     (``peak_rss_gb``; ``gpu_peak_gb`` on CUDA), which the inference benchmark reads.
     """
 
@@ -105,9 +106,12 @@ class RegistrationWriter:
 
     def _mark(self, engine: Engine, name: str) -> None:
         self._marks[name] = time.perf_counter()
+        self._marks[f"{name}_cpu"] = time.process_time()
 
     def _iteration(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the field's time includes the GPU's work, not just its launch
         now = time.perf_counter()
         timing = {}
         if {"load", "field"} <= set(self._marks):
@@ -168,7 +172,7 @@ class RegistrationWriter:
         moving_seg = (
             np.rint(batch[SEG["moving"]][b, 0].numpy()).astype(np.uint8) if SEG["moving"] in batch else None
         )
-        warped = F.warp_array(moving, field, order=1, cval=self.pad_value)
+        warped = F.warp_image(moving, field, cval=self.pad_value)
         warped_seg = warp_labels(moving_seg, field) if moving_seg is not None else None
         t_warp = time.perf_counter()
         jobs: list[Callable[[], object]] = []
@@ -225,6 +229,8 @@ class RegistrationWriter:
         row["time_pair_s"] = (
             row.get("time_load_s", 0.0) + row.get("time_field_s", 0.0) + time.perf_counter() - t0
         )
+        if "load_cpu" in self._marks:  # CPU seconds of the whole process (all threads) for this pair
+            row["cpu_pair_s"] = time.process_time() - self._marks["load_cpu"]
         row["peak_rss_gb"] = peak_rss_gb()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
