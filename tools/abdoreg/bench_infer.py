@@ -149,13 +149,14 @@ def summarise(row: Row, wall: float, cpu: float, peak_gb: float, cases: list[dic
     }
 
 
-def rows_for(methods: list[str], sizes: list[str], tto: bool) -> list[Row]:
-    """The benchmark's rows: methods at full size, then the default (and reference) at each size."""
+def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full") -> list[Row]:
+    """The benchmark's rows: every method at the ``main`` size, then the default (and reference) at the
+    other sizes."""
     catalogue = {
-        "reference": Row("reference", overrides={"channel_multiplier": 8, "downsample": 1}),
-        "default": Row("default"),
-        "syn": Row("ants_syn", configs=["syn_baseline.json"]),
-        "convexadam": Row("convexadam", configs=["convexadam_baseline.json"]),
+        "reference": Row("reference", main, overrides={"channel_multiplier": 8, "downsample": 1}),
+        "default": Row("default", main),
+        "syn": Row("ants_syn", main, configs=["syn_baseline.json"]),
+        "convexadam": Row("convexadam", main, configs=["convexadam_baseline.json"]),
     }
     rows = [catalogue[m] for m in methods]
     if tto:
@@ -163,10 +164,10 @@ def rows_for(methods: list[str], sizes: list[str], tto: bool) -> list[Row]:
             raise FileNotFoundError(f"--tto: the bundle has no configs/{TTO_CONFIG} yet")
         rows.insert(
             methods.index("default") + 1 if "default" in methods else 0,
-            Row("default+tto", configs=[TTO_CONFIG]),
+            Row("default+tto", main, configs=[TTO_CONFIG]),
         )
     for size in sizes:
-        if size == "full":
+        if size == main:
             continue
         for m in ("default", "reference"):
             if m in methods:
@@ -175,9 +176,10 @@ def rows_for(methods: list[str], sizes: list[str], tto: bool) -> list[Row]:
     return rows
 
 
-def table(results: list[dict], info: dict) -> str:
-    """Markdown table: per-pair split, peak memory, Dice, and ratios to the reference and to ANTs SyN."""
-    full = {r["name"]: r for r in results if r["size"] == "full"}
+def table(results: list[dict], info: dict, main: str = "full") -> str:
+    """Markdown table: per-pair split, peak memory, Dice, and ratios (at the ``main`` size) to the
+    reference and to ANTs SyN: how many times faster per pair."""
+    full = {r["name"]: r for r in results if r["size"] == main}
     ref = full.get("reference", {}).get("per_pair", {}).get("time_pair_s")
     syn = full.get("ants_syn", {}).get("per_pair", {}).get("time_pair_s")
     head = (
@@ -198,8 +200,8 @@ def table(results: list[dict], info: dict) -> str:
             + " | ".join(f(p.get(k)) for k in PHASES)
             + f" | {f(r['first_pair_s'])} | {f(r['startup_s'])} | {f(r['peak_rss_gb'], '{:.2f}')} | "
             f"{f(r['gpu_peak_gb'], '{:.2f}')} | {dice} | "
-            f"{f(ref / t if ref and t and r['size'] == 'full' else None, '{:.1f}')} | "
-            f"{f(syn / t if syn and t and r['size'] == 'full' else None, '{:.1f}')} |"
+            f"{f(ref / t if ref and t and r['size'] == main else None, '{:.1f}')} | "
+            f"{f(syn / t if syn and t and r['size'] == main else None, '{:.1f}')} |"
         )
     load = info["load_1_5_15"]
     lines.append("")
@@ -223,6 +225,7 @@ def bench_infer(
     tto: bool = False,
     ckpt_path: str | None = None,
     device: str | None = None,
+    size: str = "full",
 ) -> None:
     """Run the inference benchmark; print the table and write ``<out>/bench_infer.json`` and ``.md``.
 
@@ -232,13 +235,11 @@ def bench_infer(
     threads: OMP_NUM_THREADS of the bundle processes (default: inherited). tto: add the default with
     test-time instance optimisation. ckpt_path: trained weights of the default network (else its
     initial weights: the time is the same, the Dice is not). device: the bundle's ``device`` (e.g.
-    ``cuda``; default: cuda when available).
+    ``cuda``; default: cuda when available). size: the grid of the method rows (full: 192x160x256).
     """
     out_dir = Path(out).resolve()
     method_list = methods.split(",") if isinstance(methods, str) else list(methods)
     size_list = sizes.split(",") if isinstance(sizes, str) else list(sizes)
-    if "full" not in size_list:
-        size_list.append("full")
     info = machine()
     if threads:
         info["omp_num_threads"] = str(threads)
@@ -246,7 +247,7 @@ def bench_infer(
     if device:
         extra["device"] = f"$torch.device('{device}')"
     results = []
-    for row in rows_for(method_list, size_list, tto):
+    for row in rows_for(method_list, size_list, tto, size):
         row_extra = dict(extra)
         if ckpt_path and row.name.startswith("default"):
             row_extra.update({"ckpt_path": str(Path(ckpt_path).resolve()), "require_checkpoint": True})
@@ -254,7 +255,7 @@ def bench_infer(
         print(f"[bench_infer] {row.name} at {row.size} ...", flush=True)
         results.append(run_row(row, pairs_file, out_dir, threads, row_extra))
     info["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    text = table(results, info)
+    text = table(results, info, size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_infer.md").write_text(text)
     data = {"machine": info, "rows": results}

@@ -58,7 +58,9 @@ class RegistrationWriter:
     ``time_field_s`` = network or classical method, ``time_warp_s``, ``time_metrics_s``,
     ``time_write_s``, ``time_pair_s`` from loading to metrics, ``cpu_pair_s`` its CPU seconds, all
     threads) and the process's peak memory so far
-    (``peak_rss_gb``; ``gpu_peak_gb`` on CUDA), which the inference benchmark reads.
+    (``peak_rss_gb``; ``gpu_peak_gb`` on CUDA), which the inference benchmark reads. With
+    ``release_batch`` the engine's reference to the written pair is dropped, so the next pair is
+    loaded without this one still in memory.
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class RegistrationWriter:
         pad_value: float = -1024.0,
         metrics_name: str = "metrics",
         method: str = "model",
+        release_batch: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.labels = tuple(int(x) for x in labels)
@@ -84,6 +87,7 @@ class RegistrationWriter:
         self.write_fields, self.write_itk, self.itk_convention = write_fields, write_itk, itk_convention
         self.write_images, self.write_qc, self.make_zip = write_images, write_qc, make_zip
         self.pad_value, self.metrics_name, self.method = float(pad_value), metrics_name, method
+        self.release_batch = release_batch
         self.rows: list[dict] = []
         self._marks: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -128,6 +132,8 @@ class RegistrationWriter:
             elif "time_field_s" in timing:
                 extra["runtime_s"] = timing["time_field_s"] / ddf.shape[0]
             self.rows.append(self.write_pair(batch, b, F.ddf_to_l2r(ddf[b]), extra))
+        if self.release_batch:  # else the engine holds this pair while the next one is loaded
+            engine.state.batch = engine.state.output = None
 
     def _files(self, jobs: list[Callable[[], object]], after_previous: bool = True) -> Future:
         """Write files in the background thread; first wait until the previous pair's are written."""
@@ -252,11 +258,30 @@ class RegistrationWriter:
             self._pool = None
         self._pending = None
 
+    def _gather_rows(self) -> list[dict] | None:
+        """Every process's rows, in the pair list's order, on rank 0 (None on the other ranks).
+
+        Under ``torch.distributed`` (``multi_gpu_inference.json``) each process writes the pairs a
+        ``DistributedSampler`` gave it (rank r: pairs r, r + n, ...); rank 0 merges the rows into one
+        table once every process has written its files.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.rows
+        per_rank: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(per_rank, self.rows)
+        if dist.get_rank() != 0:
+            return None
+        longest = max(len(r) for r in per_rank)
+        return [rows[i] for i in range(longest) for rows in per_rank if i < len(rows)]
+
     def _completed(self, engine: Engine) -> None:
         self._wait()
         self._shutdown()
-        if not self.rows:
+        rows = self._gather_rows()
+        if not rows:
             return
+        self.rows = rows
         data = write_results(self.output_dir, self.rows, self.metrics_name, {"method": self.method})
         logger.info("summary: %s", data["summary"])
         if self.write_fields and self.make_zip and self.submission_dir.is_dir():
