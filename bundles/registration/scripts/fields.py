@@ -212,14 +212,17 @@ def save_itk_displacement(
     ``convention="nifti"``: intent ``displacement vector`` (NIfTI 1006) with RAS components, which
     ITK >= 5.3 converts to LPS on reading (ITK 5.4 checked here), so it is the same transform.
     """
-    disp_ras = voxel_to_world(field, fixed_affine, world_shift)
-    if convention == "ants":
-        values, intent = disp_ras @ RAS_TO_LPS.T, "vector"
-    elif convention == "nifti":
-        values, intent = disp_ras, "displacement vector"
-    else:
+    if convention not in ("ants", "nifti"):
         raise ValueError(f"convention must be 'ants' or 'nifti', got {convention!r}")
-    vec = values.astype(np.float32)[:, :, :, None, :]  # NIfTI vector layout (X, Y, Z, 1, 3)
+    # voxel_to_world and the frame change as one 3x3 matrix (float64), applied to the float32 field in
+    # float32 (the file's type): one full-size array instead of three float64 ones
+    frame = RAS_TO_LPS if convention == "ants" else np.eye(3)
+    lin = frame @ np.asarray(fixed_affine, np.float64)[:3, :3]
+    values = np.asarray(field, np.float32) @ lin.T.astype(np.float32)
+    if world_shift is not None:
+        values -= (frame @ np.asarray(world_shift, np.float64)).astype(np.float32)
+    intent = "vector" if convention == "ants" else "displacement vector"
+    vec = values[:, :, :, None, :]  # NIfTI vector layout (X, Y, Z, 1, 3)
     return save_nifti(path, vec, fixed_affine, intent=intent)
 
 
