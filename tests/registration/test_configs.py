@@ -55,7 +55,9 @@ def test_ckpt_export_single_config(tmp_path):
     """``monai.bundle ckpt_export`` with inference.json alone (traced: TorchScript cannot script the
     cumulative-sum integration's slicing); the exported module gives the eager network's field."""
     torch.manual_seed(0)
-    net = networks.GradientRegNet(in_channels=3, channel_multiplier=1).eval()
+    net = networks.GradientRegNet(
+        in_channels=3, channel_multiplier=1, downsample=2
+    ).eval()  # as inference.json
     for head in net.heads:  # a non-identity field, so the comparison means something
         torch.nn.init.normal_(head.conv.weight, std=0.05)
     torch.save(net.state_dict(), tmp_path / "model.pt")
