@@ -14,7 +14,7 @@ CONFIGS = bundle_dir("registration") / "configs"
 # What a model trained with train.json needs to be read by inference.json (and every override of it).
 SHARED = [
     "spatial_size", "pixdim", "pad_value", "num_organs", "labels", "ct_windows", "multi_window",
-    "input_windows", "in_channels", "channel_multiplier", "base_channels", "blocks_per_level",
+    "input_windows", "in_channels", "channel_multiplier", "downsample", "base_channels", "blocks_per_level",
     "deep_supervision", "network_def",
 ]  # fmt: skip
 
@@ -32,7 +32,7 @@ def test_train_and_inference_share_grid_windows_and_network():
 def test_overrides_do_not_copy_inference():
     """evaluate and the ANTs baseline are small overrides: they change outputs and the field source only."""
     infer = _raw("inference.json")
-    for name in ("evaluate.json", "syn_baseline.json"):
+    for name in ("evaluate.json", "syn_baseline.json", "convexadam_baseline.json"):
         override = _raw(name)
         assert not set(override) & {*SHARED, "preprocessing", "dataset", "dataloader", "evaluator", "writer"}
         assert len(override) < len(infer) / 2
@@ -44,14 +44,20 @@ def test_inference_json_alone_builds_the_network():
     parser["bundle_root"] = str(bundle_dir("registration"))
     net = parser.get_parsed_content("network_def")
     assert isinstance(net, networks.GradientRegNet)
-    assert sum(p.numel() for p in net.parameters()) > 29e6  # the paper width by default
+    # the lean default (issue #11): width 4, field predicted at half resolution
+    assert net.downsample == 2 and 6e6 < sum(p.numel() for p in net.parameters()) < 9e6
+    parser["channel_multiplier"], parser["downsample"] = 8, 1  # the paper's network, one override away
+    paper = parser.get_parsed_content("network_def", lazy=False)
+    assert paper.downsample == 1 and sum(p.numel() for p in paper.parameters()) > 29e6
 
 
 def test_ckpt_export_single_config(tmp_path):
     """``monai.bundle ckpt_export`` with inference.json alone (traced: TorchScript cannot script the
     cumulative-sum integration's slicing); the exported module gives the eager network's field."""
     torch.manual_seed(0)
-    net = networks.GradientRegNet(in_channels=3, channel_multiplier=1).eval()
+    net = networks.GradientRegNet(
+        in_channels=3, channel_multiplier=1, downsample=2
+    ).eval()  # as inference.json
     for head in net.heads:  # a non-identity field, so the comparison means something
         torch.nn.init.normal_(head.conv.weight, std=0.05)
     torch.save(net.state_dict(), tmp_path / "model.pt")

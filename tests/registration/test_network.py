@@ -156,3 +156,18 @@ def test_verify_net_in_out():
         timeout=120,
     )
     assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_half_resolution_field_geometry():
+    """downsample=2: identity at start for any size, and the coarse field is put on the input grid in
+    input voxels (x2) with coarse voxel j centred on input voxel 2j + 0.5 (average-pooling centres)."""
+    net = _net(downsample=2, deep_supervision=True).eval()
+    with torch.no_grad():
+        ddf = net(torch.rand(1, 2, 37, 30, 21))  # odd sizes, smaller than 2 * 16 at the coarse grid
+    assert ddf.shape == (1, 3, 37, 30, 21) and ddf.abs().max() < 1e-5
+    coarse = torch.zeros(1, 3, 16, 16, 16)
+    coarse[:, 0] = 0.25 * torch.arange(16.0).view(16, 1, 1)  # a ramp of 0.25 coarse voxels per voxel
+    fine = net._to_input_grid(coarse, (32, 32, 32))
+    i = torch.arange(2, 30, dtype=torch.float32)
+    torch.testing.assert_close(fine[0, 0, 2:30, 5, 5], 0.25 * (i - 0.5))  # 2 * 0.25 * (i - 0.5) / 2
+    assert fine[:, 1:].abs().max() == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fire
 
+from .bench_infer import bench_infer
 from .export import ExportError, export
 from .pipeline import PIPELINES, Interrupted, Runner, StageFailed, read_spec
 
@@ -122,7 +123,13 @@ def demo(work: str = "runs/demo", jobs: int | None = None) -> None:
     print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
 
 
-COMMANDS = {"synth": synth, "pipeline": Pipeline(), "demo": demo, "export": export}
+COMMANDS = {
+    "synth": synth,
+    "pipeline": Pipeline(),
+    "demo": demo,
+    "export": export,
+    "bench_infer": bench_infer,
+}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Where a pair's displacement field comes from: the network (``InferenceBatch`` feeds it), a
-folder of Learn2Reg fields, or ANTs SyN. Each is a piece of one MONAI ``SupervisedEvaluator``
+folder of Learn2Reg fields, ANTs SyN or ConvexAdam. Each is a piece of one MONAI ``SupervisedEvaluator``
 (``prepare_batch`` or ``iteration_update``), so outputs and metrics are identical for every method.
 """
 
@@ -15,7 +15,7 @@ from ignite.engine import Engine
 from scripts import fields as F
 from scripts.inputs import InputError
 
-__all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration"]
+__all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration", "ConvexAdamIteration"]
 
 
 class InferenceBatch:
@@ -62,8 +62,24 @@ class FieldFolderIteration:
         return {"pred": torch.stack(ddfs)}
 
 
-class SynIteration:
-    """``iteration_update`` running ANTs SyN (antspyx) per pair; the runtime goes to the metrics.
+class _PerPairIteration:
+    """``iteration_update`` of a classical method: one registration per pair, on the loaded arrays;
+    the runtime goes to the metrics."""
+
+    def register(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[np.ndarray, float]:
+        raise NotImplementedError
+
+    def __call__(self, engine: Engine, batch: dict) -> dict:
+        ddfs, runtimes = [], []
+        for b in range(batch["fixed"].shape[0]):
+            field, seconds = self.register(batch["fixed"][b, 0], batch["moving"][b, 0])
+            ddfs.append(F.l2r_to_ddf(field))
+            runtimes.append(seconds)
+        return {"pred": torch.stack(ddfs), "runtime_s": runtimes}
+
+
+class SynIteration(_PerPairIteration):
+    """ANTs SyN (antspyx) per pair.
 
     ``deterministic``: with a ``random_seed`` in ``registration``, one ITK thread, so a rerun gives
     the same fields (``scripts.syn.make_reproducible``).
@@ -79,22 +95,35 @@ class SynIteration:
         self.clip_hu = tuple(clip_hu) if clip_hu else None
         self.deterministic = str(deterministic).strip().lower() not in ("false", "0", "no")
 
-    def __call__(self, engine: Engine, batch: dict) -> dict:
+    def register(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[np.ndarray, float]:
         from scripts.syn import register_pair  # antspyx only for this stage
 
-        ddfs, runtimes = [], []
-        for b in range(batch["fixed"].shape[0]):
-            fixed, moving = batch["fixed"][b, 0], batch["moving"][b, 0]
-            aff = np.asarray(fixed.affine, np.float64)
-            field, seconds = register_pair(
-                fixed.numpy(),
-                moving.numpy(),
-                aff,
-                aff,
-                clip_hu=self.clip_hu,
-                deterministic=self.deterministic,
-                **self.registration,
-            )
-            ddfs.append(F.l2r_to_ddf(field))
-            runtimes.append(seconds)
-        return {"pred": torch.stack(ddfs), "runtime_s": runtimes}
+        aff = np.asarray(fixed.affine, np.float64)
+        return register_pair(
+            fixed.numpy(),
+            moving.numpy(),
+            aff,
+            aff,
+            clip_hu=self.clip_hu,
+            deterministic=self.deterministic,
+            **self.registration,
+        )
+
+
+class ConvexAdamIteration(_PerPairIteration):
+    """ConvexAdam (the ``convexadam`` package) per pair, on ``device``."""
+
+    def __init__(
+        self,
+        params: dict,
+        clip_hu: Sequence[float] | None = (-1000.0, 1500.0),
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.params = dict(params)
+        self.clip_hu = tuple(clip_hu) if clip_hu else None
+        self.device = torch.device(device)
+
+    def register(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[np.ndarray, float]:
+        from scripts.convex_adam import register_pair  # convexadam only for this stage
+
+        return register_pair(fixed.numpy(), moving.numpy(), self.clip_hu, self.device, **self.params)

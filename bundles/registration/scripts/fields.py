@@ -25,12 +25,14 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage
 import torch
+from monai.networks.blocks import Warp
 
 from scripts.atomic import atomic_write
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 L2R_NAME = re.compile(r"^(?P<name>.+)_(?P<subject>\d{4})_(?P<suffix>\d{4})\.nii(\.gz)?$")
 FIELD_EXTS = (".nii.gz", ".npz")
+_WARP_LINEAR = Warp(mode="bilinear", padding_mode="zeros")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,14 +212,17 @@ def save_itk_displacement(
     ``convention="nifti"``: intent ``displacement vector`` (NIfTI 1006) with RAS components, which
     ITK >= 5.3 converts to LPS on reading (ITK 5.4 checked here), so it is the same transform.
     """
-    disp_ras = voxel_to_world(field, fixed_affine, world_shift)
-    if convention == "ants":
-        values, intent = disp_ras @ RAS_TO_LPS.T, "vector"
-    elif convention == "nifti":
-        values, intent = disp_ras, "displacement vector"
-    else:
+    if convention not in ("ants", "nifti"):
         raise ValueError(f"convention must be 'ants' or 'nifti', got {convention!r}")
-    vec = values.astype(np.float32)[:, :, :, None, :]  # NIfTI vector layout (X, Y, Z, 1, 3)
+    # voxel_to_world and the frame change as one 3x3 matrix (float64), applied to the float32 field in
+    # float32 (the file's type): one full-size array instead of three float64 ones
+    frame = RAS_TO_LPS if convention == "ants" else np.eye(3)
+    lin = frame @ np.asarray(fixed_affine, np.float64)[:3, :3]
+    values = np.asarray(field, np.float32) @ lin.T.astype(np.float32)
+    if world_shift is not None:
+        values -= (frame @ np.asarray(world_shift, np.float64)).astype(np.float32)
+    intent = "vector" if convention == "ants" else "displacement vector"
+    vec = values[:, :, :, None, :]  # NIfTI vector layout (X, Y, Z, 1, 3)
     return save_nifti(path, vec, fixed_affine, intent=intent)
 
 
@@ -240,3 +245,18 @@ def warp_array(moving: np.ndarray, field: np.ndarray, order: int = 1, cval: floa
     )
     src = moving if order == 0 else moving.astype(np.float32)
     return scipy.ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=cval)
+
+
+def warp_image(moving: np.ndarray, field: np.ndarray, cval: float = 0.0) -> np.ndarray:
+    """Linear ``moving(x + u(x))`` with MONAI ``Warp`` (torch ``grid_sample``, every thread): the warped
+    image the writer saves and shows. Equal to ``warp_array(order=1)`` to float32 rounding wherever
+    ``x + u(x)`` falls inside the moving scan; outside it blends to ``cval`` over one voxel instead of
+    switching at the edge. Labels keep ``warp_array`` (the evaluator's nearest neighbour, exactly).
+    """
+    moving = np.asarray(moving, np.float32)
+    if field.shape[:3] != moving.shape[:3] or field.shape[-1] != 3:
+        raise ValueError(f"field {field.shape} does not fit the moving array {moving.shape}")
+    with torch.no_grad():
+        src = torch.from_numpy(moving - np.float32(cval))[None, None]
+        out = _WARP_LINEAR(src, l2r_to_ddf(field)[None])[0, 0]
+    return out.numpy() + np.float32(cval)

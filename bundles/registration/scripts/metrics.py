@@ -40,37 +40,56 @@ def warp_labels(moving_seg: np.ndarray, disp: np.ndarray) -> np.ndarray:
     disp = np.asarray(disp)
     if disp.ndim != 4 or disp.shape[-1] != 3 or disp.shape[:3] != moving_seg.shape:
         raise ValueError(f"field shape {disp.shape} does not fit labels of shape {moving_seg.shape} (+ (3,))")
-    identity = np.meshgrid(*(np.arange(s) for s in disp.shape[:3]), indexing="ij")
-    return scipy.ndimage.map_coordinates(moving_seg, identity + disp.transpose(3, 0, 1, 2), order=0)
+    coords = np.empty((3, *disp.shape[:3]))
+    for axis in range(3):  # identity + u, component by component (same float64 sums as a meshgrid + u)
+        shape = [1, 1, 1]
+        shape[axis] = disp.shape[axis]
+        np.add(disp[..., axis], np.arange(disp.shape[axis]).reshape(shape), out=coords[axis])
+    return scipy.ndimage.map_coordinates(moving_seg, coords, order=0)
 
 
-def jacobian_determinant(disp: np.ndarray) -> np.ndarray:
+def jacobian_determinant(disp: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Determinant of the Jacobian of x + u(x), cropped by 2 voxels on each side.
 
     ``disp`` is (D, H, W, 3) in voxels. Central differences (kernel [-0.5, 0, 0.5]) with zero
-    padding, as the evaluator's ``jacobian_determinant`` (which takes (1, 3, D, H, W)).
+    padding, as the evaluator's ``jacobian_determinant`` (which takes (1, 3, D, H, W)). The zero
+    padding only touches the outermost voxel, which the crop removes, so the differences are taken
+    on the cropped block alone, ``0.5 * (u[i+1] - u[i-1])``: the same float64 numbers as the
+    evaluator's correlation (scaling by 0.5 is exact), computed ``chunk`` slices at a time so the nine
+    derivatives of a whole volume are never held at once.
     """
-    disp = np.asarray(disp, dtype=np.float64)
-    kernel = np.array([-0.5, 0.0, 0.5])
-    jac = np.empty((3, 3, *disp.shape[:3]))
-    for axis in range(3):  # derivative direction
-        shape = [1, 1, 1]
-        shape[axis] = 3
-        k = kernel.reshape(shape)
-        for comp in range(3):
-            jac[axis, comp] = scipy.ndimage.correlate(disp[..., comp], k, mode="constant", cval=0.0)
-    jac += np.eye(3).reshape(3, 3, 1, 1, 1)
-    j = jac[:, :, 2:-2, 2:-2, 2:-2]
-    return (
-        j[0, 0] * (j[1, 1] * j[2, 2] - j[1, 2] * j[2, 1])
-        - j[1, 0] * (j[0, 1] * j[2, 2] - j[0, 2] * j[2, 1])
-        + j[2, 0] * (j[0, 1] * j[1, 2] - j[0, 2] * j[1, 1])
-    )
+    comps = [np.ascontiguousarray(disp[..., c], dtype=np.float64) for c in range(3)]
+    n0, n1, n2 = comps[0].shape
+    det = np.empty((n0 - 4, n1 - 4, n2 - 4))
+    for start in range(2, n0 - 2, chunk):
+        stop = min(start + chunk, n0 - 2)
+        block = (slice(start, stop), slice(2, n1 - 2), slice(2, n2 - 2))
+
+        def d(comp: int, axis: int, block=block) -> np.ndarray:
+            lo, hi = list(block), list(block)
+            lo[axis] = slice(block[axis].start - 1, block[axis].stop - 1)
+            hi[axis] = slice(block[axis].start + 1, block[axis].stop + 1)
+            out = comps[comp][tuple(hi)] - comps[comp][tuple(lo)]
+            out *= 0.5
+            if axis == comp:
+                out += 1.0
+            return out
+
+        # j[a][c] = d(x + u)_c / dx_a (the evaluator's jac[axis, comp]), each derivative computed once
+        j = [[d(c, a) for c in range(3)] for a in range(3)]
+        out = j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        out -= j[1][0] * (j[0][1] * j[2][2] - j[0][2] * j[2][1])
+        out += j[2][0] * (j[0][1] * j[1][2] - j[0][2] * j[1][1])
+        det[start - 2 : stop - 2] = out
+    return det
 
 
-def jacobian_stats(disp: np.ndarray) -> dict[str, float]:
-    """Official SDlogJ, the honest std(log det) over det > 0, and the folded fraction (det <= 0)."""
-    det = jacobian_determinant(disp)
+def jacobian_stats(disp: np.ndarray, det: np.ndarray | None = None) -> dict[str, float]:
+    """Official SDlogJ, the honest std(log det) over det > 0, and the folded fraction (det <= 0).
+
+    ``det``: ``jacobian_determinant(disp)`` when the caller has it already (the QC figure shows it too).
+    """
+    det = jacobian_determinant(disp) if det is None else det
     official = float(np.log(np.clip(det + 3, 1e-9, 1e9)).std())
     positive = det[det > 0]
     honest = float(np.log(positive).std()) if positive.size else math.nan
@@ -139,12 +158,26 @@ def organ_dice(
 ) -> list[float]:
     """Per-organ DSC of the warped labels against the fixed ones; NaN where the organ is absent in the
     fixed or the moving labels (the evaluator's rule, so absent organs never count as 0)."""
-    return [
-        dice(fixed_seg == lab, warped_seg == lab)
-        if (fixed_seg == lab).any() and (moving_seg == lab).any()
-        else math.nan
-        for lab in labels
-    ]
+    labels = [int(lab) for lab in labels]
+    scores = label_metrics(fixed_seg, moving_seg, warped_seg, labels, hd95=False)
+    return [scores[f"dice_{lab}"] for lab in labels]
+
+
+def _boxes(seg: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
+    """Bounding box of each label (None where absent), from one pass over the volume."""
+    top = max(labels, default=0)
+    found = scipy.ndimage.find_objects(np.where(seg <= top, seg, 0).astype(np.int32), max_label=top)
+    return {lab: found[lab - 1] if lab >= 1 else None for lab in labels}
+
+
+def _union(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    if a is None or b is None:
+        return a or b
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b, strict=True))
+
+
+def _isotropic(spacing: Sequence[float]) -> bool:
+    return max(spacing) - min(spacing) <= 1e-9 * max(spacing)
 
 
 def label_metrics(
@@ -153,21 +186,40 @@ def label_metrics(
     warped_seg: np.ndarray,
     labels: Iterable[int] = LABELS,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    hd95: bool = True,
 ) -> dict[str, float]:
-    """Per-organ DSC, HD95 (voxels, the official unit spacing) and HD95 in mm, and their nanmeans."""
-    labels = list(labels)
+    """Per-organ DSC, HD95 (voxels, the official unit spacing) and HD95 in mm, and their nanmeans.
+
+    Each organ is scored inside the box that holds it in the fixed and the warped labels (Dice and
+    distances do not change outside it). With isotropic spacing the distances in mm are those in
+    voxels times the spacing and the surfel weights scale uniformly, so HD95 in mm is HD95 times
+    the spacing (computed once); anisotropic spacing computes it separately. ``hd95=False``: Dice only.
+    """
+    labels = [int(lab) for lab in labels]
+    fixed_boxes, warped_boxes = _boxes(fixed_seg, labels), _boxes(warped_seg, labels)
+    moving_boxes = _boxes(moving_seg, labels)
+    iso = _isotropic(spacing_mm)
     out: dict[str, float] = {}
-    dsc = organ_dice(fixed_seg, moving_seg, warped_seg, labels)
-    hd, hd_mm = [], []
-    for lab, d in zip(labels, dsc, strict=True):
-        fixed_mask = fixed_seg == lab
-        warped_mask = warped_seg == lab
-        if math.isnan(d):
-            h = hm = math.nan
+    dsc, hd, hd_mm = [], [], []
+    for lab in labels:
+        if fixed_boxes[lab] is None or moving_boxes[lab] is None:
+            d = h = hm = math.nan
         else:
-            h = robust_hausdorff(fixed_mask, warped_mask, (1.0, 1.0, 1.0))
-            hm = robust_hausdorff(fixed_mask, warped_mask, spacing_mm)
+            # one voxel of margin: robust_hausdorff then crops to exactly the lattice it uses on the full volume
+            box = tuple(
+                slice(max(b.start - 1, 0), b.stop + 1) for b in _union(fixed_boxes[lab], warped_boxes[lab])
+            )
+            fixed_mask, warped_mask = fixed_seg[box] == lab, warped_seg[box] == lab
+            d = dice(fixed_mask, warped_mask)
+            if not hd95:
+                h = hm = math.nan
+            else:
+                h = robust_hausdorff(fixed_mask, warped_mask, (1.0, 1.0, 1.0))
+                hm = (
+                    h * float(spacing_mm[0]) if iso else robust_hausdorff(fixed_mask, warped_mask, spacing_mm)
+                )
         out[f"dice_{lab}"], out[f"hd95_{lab}"], out[f"hd95_mm_{lab}"] = d, h, hm
+        dsc.append(d)
         hd.append(h)
         hd_mm.append(hm)
     out["dice"], out["hd95"], out["hd95_mm"] = _nanmean(dsc), _nanmean(hd), _nanmean(hd_mm)
@@ -180,8 +232,14 @@ def pair_metrics(
     moving_seg: np.ndarray | None = None,
     labels: Iterable[int] = LABELS,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    warped_seg: np.ndarray | None = None,
+    det: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All metrics of one pair from its Learn2Reg field (D, H, W, 3) and, when given, its labels."""
+    """All metrics of one pair from its Learn2Reg field (D, H, W, 3) and, when given, its labels.
+
+    ``warped_seg``: the moving labels already warped by ``warp_labels`` with this field (the writer
+    warps them once for its output file and the metrics); ``det``: its ``jacobian_determinant``.
+    """
     disp = np.asarray(disp, dtype=np.float64)
     labels = list(labels)
     out: dict[str, float] = {}
@@ -191,10 +249,10 @@ def pair_metrics(
             raise ValueError(
                 f"shape mismatch: fixed labels {fixed_seg.shape}, moving labels {moving_seg.shape}, field {disp.shape}"
             )
-        warped = warp_labels(moving_seg, disp)
+        warped = warp_labels(moving_seg, disp) if warped_seg is None else np.asarray(warped_seg)
         out["dice_initial"] = _nanmean(organ_dice(fixed_seg, moving_seg, moving_seg, labels))
         out.update(label_metrics(fixed_seg, moving_seg, warped, labels, spacing_mm))
-    out.update(jacobian_stats(disp))
+    out.update(jacobian_stats(disp, det))
     return out
 
 

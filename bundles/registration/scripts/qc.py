@@ -37,13 +37,15 @@ def qc_figure(
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     window: tuple[float, float] = (-200.0, 300.0),
     title: str = "",
+    inner_det: np.ndarray | None = None,
 ) -> Path:
     """Write a PNG: rows = axial-like/coronal-like/sagittal-like planes (voxel axes 2, 1, 0);
     columns = fixed, moving, warped, checkerboard fixed/warped, |fixed - warped|, Jacobian determinant.
+    ``inner_det``: ``jacobian_determinant(field)`` (2-voxel border cropped) when the caller has it.
     """
     det = np.ones(field.shape[:3], np.float32)
     if min(field.shape[:3]) > 4:
-        det[2:-2, 2:-2, 2:-2] = jacobian_determinant(field)
+        det[2:-2, 2:-2, 2:-2] = jacobian_determinant(field) if inner_det is None else inner_det
     centre = tuple(int(s) // 2 for s in fixed.shape)
     lo, hi = window
     columns = [

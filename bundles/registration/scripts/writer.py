@@ -4,16 +4,22 @@ labels, QC figure and metrics per pair; the metrics tables and the submission zi
 from __future__ import annotations
 
 import logging
+import resource
+import sys
+import time
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from ignite.engine import Engine, Events
 
 from scripts import fields as F
 from scripts.atomic import atomic_write
-from scripts.metrics import LABELS, pair_metrics, write_json, write_results
+from scripts.metrics import LABELS, jacobian_determinant, pair_metrics, warp_labels, write_json, write_results
 from scripts.pair_loading import SEG
 from scripts.qc import qc_figure
 from scripts.training import ddf_of
@@ -21,6 +27,12 @@ from scripts.training import ddf_of
 __all__ = ["RegistrationWriter"]
 
 logger = logging.getLogger("registration.infer")
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 
 
 def _zip_files(folder: Path, names: Sequence[str], zip_path: Path) -> Path:
@@ -41,6 +53,16 @@ class RegistrationWriter:
     """Ignite handler writing, per pair, the Learn2Reg field (submission folder), the ITK transform,
     the warped image and labels on the fixed grid (fixed affine), a QC PNG and the metrics; and at
     the end the metrics CSV/JSON over all pairs and the submission zip.
+
+    Many pairs: only the metric rows are kept, never arrays. The files of a pair are written by one
+    background thread (zlib compression releases the GIL) while the main thread computes that pair's
+    metrics; they are finished before the pair's row is returned, so no arrays outlive their pair. Each row also records where the pair's time went (``time_load_s``,
+    ``time_field_s`` = network or classical method, ``time_warp_s``, ``time_metrics_s``,
+    ``time_write_s``, ``time_pair_s`` from loading to metrics, ``cpu_pair_s`` its CPU seconds, all
+    threads) and the process's peak memory so far
+    (``peak_rss_gb``; ``gpu_peak_gb`` on CUDA), which the inference benchmark reads. With
+    ``release_batch`` the engine's reference to the written pair is dropped, so the next pair is
+    loaded without this one still in memory.
     """
 
     def __init__(
@@ -59,6 +81,7 @@ class RegistrationWriter:
         pad_value: float = -1024.0,
         metrics_name: str = "metrics",
         method: str = "model",
+        release_batch: bool = True,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.labels = tuple(int(x) for x in labels)
@@ -66,11 +89,16 @@ class RegistrationWriter:
         self.write_fields, self.write_itk, self.itk_convention = write_fields, write_itk, itk_convention
         self.write_images, self.write_qc, self.make_zip = write_images, write_qc, make_zip
         self.pad_value, self.metrics_name, self.method = float(pad_value), metrics_name, method
+        self.release_batch = release_batch
         self.rows: list[dict] = []
-        self.fields: list[str] = []  # this run's field files in the submission folder
+        self._marks: dict[str, float] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.GET_BATCH_STARTED, self._mark, "load")
+        engine.add_event_handler(Events.ITERATION_STARTED, self._mark, "field")
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.COMPLETED, self._completed)
 
@@ -79,18 +107,64 @@ class RegistrationWriter:
         return self.output_dir / "submission"
 
     def _started(self, engine: Engine) -> None:
-        self.rows, self.fields = [], []
+        self.rows = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registration-writer")
+
+    def _mark(self, engine: Engine, name: str) -> None:
+        self._marks[name] = time.perf_counter()
+        self._marks[f"{name}_cpu"] = time.process_time()
 
     def _iteration(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the field's time includes the GPU's work, not just its launch
+        now = time.perf_counter()
+        timing = {}
+        if {"load", "field"} <= set(self._marks):
+            timing = {
+                "time_load_s": self._marks["field"] - self._marks["load"],
+                "time_field_s": now - self._marks["field"],
+            }
         ddf = ddf_of(output["pred"]).detach().float().cpu()
         runtimes = output.get("runtime_s") if isinstance(output, Mapping) else None
         for b in range(ddf.shape[0]):
-            extra = {"runtime_s": float(runtimes[b])} if runtimes is not None else {}
+            extra = dict(timing)
+            if runtimes is not None:
+                extra["runtime_s"] = float(runtimes[b])
+            elif "time_field_s" in timing:
+                extra["runtime_s"] = timing["time_field_s"] / ddf.shape[0]
             self.rows.append(self.write_pair(batch, b, F.ddf_to_l2r(ddf[b]), extra))
+        if self.release_batch:  # else the engine holds this pair while the next one is loaded
+            engine.state.batch = engine.state.output = None
+
+    def _files(self, jobs: list[Callable[[], object]], after_previous: bool = True) -> Future:
+        """Write files in the background thread; first wait until the previous pair's are written."""
+        if after_previous:
+            self._wait()
+        if self._pool is None:  # used outside an engine
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registration-writer")
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            for job in jobs:
+                job()
+            return time.perf_counter() - t0
+
+        self._pending = self._pool.submit(run)
+        return self._pending
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write here
 
     def write_pair(self, batch: dict, b: int, field: np.ndarray, extra: dict | None = None) -> dict:
-        """All per-pair outputs of item ``b`` of ``batch``; returns its metrics row."""
+        """All per-pair outputs of item ``b`` of ``batch``; returns its metrics row.
+
+        Every output comes from the field as it is written (rounded to ``field_dtype``), so the warped
+        files, the QC figure and the metrics are what the Learn2Reg evaluator sees from the submission.
+        """
+        t0 = time.perf_counter()
         fixed_path, moving_path = batch["path_fixed"][b], batch["path_moving"][b]
         fixed_img = batch["fixed"][b]
         affine = np.asarray(fixed_img.affine, np.float64)
@@ -100,51 +174,118 @@ class RegistrationWriter:
         shift = None if shift is None else np.asarray(shift[b], np.float64)
         tag = F.pair_tag(fixed_path, moving_path)
         pair_dir = self.output_dir / "pairs" / tag
+        if self.write_fields:  # score the field as written (float16 rounding), as the evaluator reads it
+            field = field.astype(self.field_dtype).astype(np.float32)
+        has_labels = SEG["fixed"] in batch and SEG["moving"] in batch
+        moving_seg = (
+            np.rint(batch[SEG["moving"]][b, 0].numpy()).astype(np.uint8) if SEG["moving"] in batch else None
+        )
+        warped = F.warp_image(moving, field, cval=self.pad_value)
+        warped_seg = warp_labels(moving_seg, field) if moving_seg is not None else None
+        t_warp = time.perf_counter()
+        jobs: list[Callable[[], object]] = []
         if self.write_fields:
             name = F.field_name(fixed_path, moving_path, short=self.short_names, ext=self.field_ext)
-            F.save_l2r_field(self.submission_dir / name, field, dtype=self.field_dtype, affine=affine)
-            self.fields.append(name)
+            jobs.append(
+                partial(F.save_l2r_field, self.submission_dir / name, field, self.field_dtype, affine)
+            )
         if self.write_itk:
-            F.save_itk_displacement(
-                pair_dir / "itk_displacement.nii.gz", field, affine, shift, self.itk_convention
+            jobs.append(
+                partial(
+                    F.save_itk_displacement,
+                    pair_dir / "itk_displacement.nii.gz",
+                    field,
+                    affine,
+                    shift,
+                    self.itk_convention,
+                )
             )
-        warped = F.warp_array(moving, field, order=1, cval=self.pad_value)
         if self.write_images:
-            F.save_nifti(pair_dir / "warped_image.nii.gz", np.round(warped).astype(np.int16), affine)
-        has_labels = SEG["fixed"] in batch and SEG["moving"] in batch
-        if SEG["moving"] in batch and self.write_images:
-            warped_lab = F.warp_array(
-                np.rint(batch[SEG["moving"]][b, 0].numpy()).astype(np.uint8), field, order=0
+            jobs.append(
+                partial(
+                    F.save_nifti, pair_dir / "warped_image.nii.gz", np.round(warped).astype(np.int16), affine
+                )
             )
-            F.save_nifti(pair_dir / "warped_label.nii.gz", warped_lab, affine, dtype=np.uint8)
+            if warped_seg is not None:
+                jobs.append(partial(F.save_nifti, pair_dir / "warped_label.nii.gz", warped_seg, affine))
+        files = [self._files(jobs)]
+        det = jacobian_determinant(field)  # for the metrics and the QC figure
         if self.write_qc:
-            qc_figure(
-                fixed, moving, warped, field, pair_dir / "qc.png", spacing, title=f"{self.method}: {tag}"
-            )
-        row: dict = {"fixed": fixed_path, "moving": moving_path}
-        if self.write_fields:  # score the field as written (float16 rounding), as the evaluator reads it
-            field = field.astype(self.field_dtype).astype(np.float64)
+            title = f"{self.method}: {tag}"
+            qc = partial(qc_figure, fixed, moving, warped, field, pair_dir / "qc.png", spacing, title=title)
+            files.append(self._files([partial(qc, inner_det=det)], after_previous=False))
         metrics = pair_metrics(
             field,
             np.rint(batch[SEG["fixed"]][b, 0].numpy()) if has_labels else None,
-            np.rint(batch[SEG["moving"]][b, 0].numpy()) if has_labels else None,
+            moving_seg if has_labels else None,
             self.labels,
             spacing,
+            warped_seg=warped_seg if has_labels else None,
+            det=det,
         )
+        t_done = time.perf_counter()
+        row: dict = {"fixed": fixed_path, "moving": moving_path}
         row.update(metrics)
         row.update(extra or {})
+        row.update(
+            {
+                "time_warp_s": t_warp - t0,
+                "time_metrics_s": t_done - t_warp,
+                "time_write_s": sum(f.result() for f in files),
+            }
+        )
+        row["time_pair_s"] = (
+            row.get("time_load_s", 0.0) + row.get("time_field_s", 0.0) + time.perf_counter() - t0
+        )
+        if "load_cpu" in self._marks:  # CPU seconds of the whole process (all threads) for this pair
+            row["cpu_pair_s"] = time.process_time() - self._marks["load_cpu"]
+        row["peak_rss_gb"] = peak_rss_gb()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            row["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         write_json(pair_dir / "metrics.json", row)
         logger.info(
             "%s: %s",
             tag,
-            ", ".join(f"{k}={row[k]:.4g}" for k in ("dice", "hd95", "sdlogj", "fold_fraction") if k in row),
+            ", ".join(
+                f"{k}={row[k]:.4g}"
+                for k in ("dice", "hd95", "sdlogj", "fold_fraction", "time_pair_s")
+                if k in row
+            ),
         )
         return row
 
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._pending = None
+
+    def _gather_rows(self) -> list[dict] | None:
+        """Every process's rows, in the pair list's order, on rank 0 (None on the other ranks).
+
+        Under ``torch.distributed`` (``multi_gpu_inference.json``) each process writes the pairs a
+        ``DistributedSampler`` gave it (rank r: pairs r, r + n, ...); rank 0 merges the rows into one
+        table once every process has written its files.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.rows
+        per_rank: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(per_rank, self.rows)
+        if dist.get_rank() != 0:
+            return None
+        longest = max(len(r) for r in per_rank)
+        return [rows[i] for i in range(longest) for rows in per_rank if i < len(rows)]
+
     def _completed(self, engine: Engine) -> None:
-        if not self.rows:
+        self._wait()
+        self._shutdown()
+        rows = self._gather_rows()
+        if not rows:
             return
+        self.rows = rows
         data = write_results(self.output_dir, self.rows, self.metrics_name, {"method": self.method})
         logger.info("summary: %s", data["summary"])
-        if self.write_fields and self.make_zip and self.fields:
-            _zip_files(self.submission_dir, self.fields, self.output_dir / "submission.zip")
+        if self.write_fields and self.make_zip:  # this run's fields (every process's), no earlier run's
+            names = [F.field_name(r["fixed"], r["moving"], self.short_names, self.field_ext) for r in rows]
+            _zip_files(self.submission_dir, names, self.output_dir / "submission.zip")

@@ -1,0 +1,261 @@
+"""Inference benchmark: time and peak memory per full-size pair for every way the registration bundle
+makes a field (paper-size network, default network, default + test-time optimisation, ANTs SyN,
+ConvexAdam), and how the default grows with the volume.
+
+Each row is one ``python -m monai.bundle run`` of the registration bundle's configs in a subprocess,
+as a user runs it, on synthetic Learn2Reg-like subjects (``abdoreg synth``; made once under
+``--out``). The process's wall time and peak resident memory come from ``os.wait4`` (the largest
+of the process and its children); the per-pair split (loading, field = network forward with its
+integration and upsampling or the classical method, warping, metrics, writing) and the peak memory
+at each pair come from the ``time_*`` / ``peak_rss_gb`` / ``gpu_peak_gb`` columns the bundle's
+writer puts in ``metrics.json``. Nothing of the bundle is imported here.
+
+One command, printed with the machine's load so a number taken on a busy machine is read as such:
+
+    abdoreg bench_infer --out runs/bench_infer
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .pipeline import REPO, Stage, bundle_command
+from .synth import PRESETS, generate
+
+BUNDLE = REPO / "bundles" / "registration"
+PHASES = ("time_load_s", "time_field_s", "time_warp_s", "time_metrics_s", "time_write_s")
+
+
+@dataclass
+class Row:
+    """One benchmarked configuration: bundle configs after ``inference.json`` and overrides."""
+
+    name: str
+    size: str = "full"
+    configs: list[str] = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)
+
+
+def machine() -> dict:
+    """What the numbers were taken on: CPU, cores, threads, load (other work inflates timings)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def make_pairs(out: Path, size: str, n_pairs: int) -> Path:
+    """Synthetic L2R subjects of one size (made once) and a pairs list: subject 1 fixed, the others moving."""
+    root = out / "data" / size
+    dataset = root / "AbdomenCTCT" / "AbdomenCTCT_dataset.json"
+    if not dataset.is_file() or len(json.loads(dataset.read_text())["training"]) < n_pairs + 1:
+        generate(root, size=size, n_l2r=n_pairs + 1, n_other=0, cohorts=("l2r",), log=lambda _: None)
+    items = json.loads(dataset.read_text())["training"]
+    pairs = [
+        {
+            "fixed": items[0]["image"],
+            "moving": m["image"],
+            "fixed_label": items[0]["label"],
+            "moving_label": m["label"],
+        }
+        for m in items[1 : n_pairs + 1]
+    ]
+    path = dataset.with_name("bench_pairs.json")
+    path.write_text(json.dumps({"registration_val": pairs}, indent=1))
+    return path
+
+
+def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: dict) -> dict:
+    """Run one row's bundle command; wall time, peak memory and the writer's per-pair rows."""
+    out_dir = out / "rows" / f"{row.name}_{row.size}"
+    overrides = {
+        "pairs_file": str(pairs_file),
+        "pairs_key": "registration_val",
+        "output_dir": str(out_dir),
+        **extra,
+        **row.overrides,
+    }
+    stage = Stage(
+        row.name, bundle="registration", configs=["inference.json", *row.configs], overrides=overrides
+    )
+    cmd = bundle_command(stage)
+    env = {**os.environ, "PYTHONPATH": str(BUNDLE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log = out / "logs" / f"{row.name}_{row.size}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=BUNDLE, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"benchmark row {row.name} ({row.size}) failed, see {log}:\n{tail}")
+    # ru_maxrss: KiB on Linux (bytes on macOS); for wait4 the max over the process and its waited children
+    peak = usage.ru_maxrss / 1e9 if sys.platform == "darwin" else usage.ru_maxrss * 1024 / 1e9
+    cases = json.loads((out_dir / "metrics.json").read_text())["cases"]
+    return summarise(row, wall, usage.ru_utime + usage.ru_stime, peak, cases)
+
+
+def _median(cases: list[dict], key: str) -> float | None:
+    values = [c[key] for c in cases if isinstance(c.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def summarise(row: Row, wall: float, cpu: float, peak_gb: float, cases: list[dict]) -> dict:
+    """Per-pair medians of the writer's timings (the first pair pays one-off set-up: reported apart)."""
+    steady = cases[1:] if len(cases) > 1 else cases
+    per_pair = {k: _median(steady, k) for k in (*PHASES, "time_pair_s", "cpu_pair_s")}
+    return {
+        "name": row.name,
+        "size": row.size,
+        "grid": list(PRESETS[row.size].shape),
+        "pairs": len(cases),
+        "process_wall_s": wall,
+        "process_cpu_s": cpu,
+        "startup_s": wall - sum(c.get("time_pair_s", 0.0) for c in cases),
+        "first_pair_s": cases[0].get("time_pair_s"),
+        "per_pair": per_pair,
+        "peak_rss_gb": peak_gb,
+        "peak_rss_at_pairs_gb": max(c.get("peak_rss_gb", 0.0) for c in cases),
+        "gpu_peak_gb": max((c["gpu_peak_gb"] for c in cases if "gpu_peak_gb" in c), default=None),
+        "dice": _median(cases, "dice"),
+        "dice_initial": _median(cases, "dice_initial"),
+        "overrides": row.overrides,
+        "configs": row.configs,
+    }
+
+
+def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full") -> list[Row]:
+    """The benchmark's rows: every method at the ``main`` size, then the default (and reference) at the
+    other sizes."""
+    catalogue = {
+        "reference": Row("reference", main, overrides={"channel_multiplier": 8, "downsample": 1}),
+        "default": Row("default", main),
+        "syn": Row("ants_syn", main, configs=["syn_baseline.json"]),
+        "convexadam": Row("convexadam", main, configs=["convexadam_baseline.json"]),
+    }
+    rows = [catalogue[m] for m in methods]
+    if tto:
+        if "instance_opt" not in json.loads((BUNDLE / "configs" / "inference.json").read_text()):
+            raise ValueError("--tto: this bundle's inference.json has no instance_opt switch yet")
+        at = methods.index("default") + 1 if "default" in methods else 0
+        rows.insert(at, Row("default+tto", main, overrides={"instance_opt": True}))
+    for size in sizes:
+        if size == main:
+            continue
+        for m in ("default", "reference"):
+            if m in methods:
+                base = catalogue[m]
+                rows.append(Row(base.name, size, list(base.configs), dict(base.overrides)))
+    return rows
+
+
+def table(results: list[dict], info: dict, main: str = "full") -> str:
+    """Markdown table: per-pair split, peak memory, Dice, and ratios (at the ``main`` size) to the
+    reference and to ANTs SyN: how many times faster per pair."""
+    full = {r["name"]: r for r in results if r["size"] == main}
+    ref = full.get("reference", {}).get("per_pair", {}).get("time_pair_s")
+    syn = full.get("ants_syn", {}).get("per_pair", {}).get("time_pair_s")
+    head = (
+        "| method | grid | s / pair | CPU s / pair | load | field | warp | metrics | write (bg) | first pair | startup "
+        "| peak RSS GB | GPU GB | Dice (initial) | x faster than reference | x faster than SyN |"
+    )
+    lines = [head, "|" + "---|" * 16]
+
+    def f(v, fmt="{:.1f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+    for r in results:
+        p = r["per_pair"]
+        t = p.get("time_pair_s")
+        dice = f"{f(r['dice'], '{:.3f}')} ({f(r['dice_initial'], '{:.3f}')})"
+        lines.append(
+            f"| {r['name']} | {'x'.join(map(str, r['grid']))} | {f(t)} | {f(p.get('cpu_pair_s'))} | "
+            + " | ".join(f(p.get(k)) for k in PHASES)
+            + f" | {f(r['first_pair_s'])} | {f(r['startup_s'])} | {f(r['peak_rss_gb'], '{:.2f}')} | "
+            f"{f(r['gpu_peak_gb'], '{:.2f}')} | {dice} | "
+            f"{f(ref / t if ref and t and r['size'] == main else None, '{:.1f}')} | "
+            f"{f(syn / t if syn and t and r['size'] == main else None, '{:.1f}')} |"
+        )
+    load = info["load_1_5_15"]
+    lines.append("")
+    lines.append(
+        f"{info['cpu']}, {info['cores']} cores, OMP_NUM_THREADS={info['omp_num_threads']}, "
+        f"load average before {load} / after {info.get('load_after')}; {info['date']}. "
+        "s / pair: median over the pairs after the first (load + field + warp + metrics; the files are "
+        "written in a background thread beside the metrics, 'write (bg)' is that thread's time); CPU s / pair: "
+        "CPU seconds of all the process's threads for a pair (what the pair costs on a loaded machine); "
+        "startup: imports, config and network set-up once per process; peak RSS: whole process."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def bench_infer(
+    out: str = "runs/bench_infer",
+    methods: str | tuple[str, ...] = "reference,default,syn,convexadam",
+    sizes: str | tuple[str, ...] = "demo,small,full",
+    pairs: int = 2,
+    threads: int | None = None,
+    tto: bool = False,
+    ckpt_path: str | None = None,
+    device: str | None = None,
+    size: str = "full",
+) -> None:
+    """Run the inference benchmark; print the table and write ``<out>/bench_infer.json`` and ``.md``.
+
+    methods: any of reference (paper size: multiplier 8, full-resolution field), default
+    (inference.json as shipped), syn (ANTs SyN), convexadam. sizes: synthetic grids for the scaling
+    rows (tiny 48x40x64, demo 72x60x96, small 96x80x128, full 192x160x256). pairs: pairs per row.
+    threads: OMP_NUM_THREADS of the bundle processes (default: inherited). tto: add the default with
+    test-time instance optimisation. ckpt_path: trained weights of the default network (else its
+    initial weights: the time is the same, the Dice is not). device: the bundle's ``device`` (e.g.
+    ``cuda``; default: cuda when available). size: the grid of the method rows (full: 192x160x256).
+    """
+    out_dir = Path(out).resolve()
+    method_list = methods.split(",") if isinstance(methods, str) else list(methods)
+    size_list = sizes.split(",") if isinstance(sizes, str) else list(sizes)
+    info = machine()
+    if threads:
+        info["omp_num_threads"] = str(threads)
+    extra: dict = {"require_checkpoint": False}
+    if device:
+        extra["device"] = f"$torch.device('{device}')"
+    results = []
+    for row in rows_for(method_list, size_list, tto, size):
+        row_extra = dict(extra)
+        if ckpt_path and row.name.startswith("default"):
+            row_extra.update({"ckpt_path": str(Path(ckpt_path).resolve()), "require_checkpoint": True})
+        pairs_file = make_pairs(out_dir, row.size, pairs)
+        print(f"[bench_infer] {row.name} at {row.size} ...", flush=True)
+        results.append(run_row(row, pairs_file, out_dir, threads, row_extra))
+    info["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    text = table(results, info, size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_infer.md").write_text(text)
+    data = {"machine": info, "rows": results}
+    (out_dir / "bench_infer.json").write_text(json.dumps(data, indent=2))
+    print(text)
+    print(f"[bench_infer] written {out_dir / 'bench_infer.json'} and {out_dir / 'bench_infer.md'}")
