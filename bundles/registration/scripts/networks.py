@@ -27,7 +27,7 @@ __all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT"]
 IDENTITY_GRADIENT = 0.5
 
 
-def gradient_to_ddf(gradient: torch.Tensor) -> torch.Tensor:
+def gradient_to_ddf(gradient: torch.Tensor, step_range: float = 1.0) -> torch.Tensor:
     """Integrate a gradient field (B, 3, *spatial) in (0, 1) to a voxel displacement field.
 
     Channel ``i`` is the step of the sampling position along spatial axis ``i`` between consecutive
@@ -35,13 +35,19 @@ def gradient_to_ddf(gradient: torch.Tensor) -> torch.Tensor:
     ``k`` along axis ``i`` is ``p_i(k) = sum_{j<=k} 2 g_i(j) - 1``, so a constant 0.5 gives
     ``p_i(k) = k`` exactly (the identity; the paper's grid rescaled to [-1, 1] is this ``p``
     under ``align_corners=True``), and ``ddf_i(k) = p_i(k) - k``.
+
+    ``step_range`` r < 1 narrows the step to ``1 + r (2 g - 1)``, in (1 - r, 1 + r) voxels, so a
+    small change of the sigmoid moves far voxels less (the cumulative sum adds it up along the axis);
+    1 is the paper's (0, 2). The identity stays at g = 0.5 and every step stays positive.
     """
     spatial = gradient.shape[2:]
     if gradient.shape[1] != len(spatial):
         raise ValueError(f"gradient needs one channel per spatial axis, got shape {tuple(gradient.shape)}")
     out = []
     for axis, size in enumerate(spatial):
-        pos = torch.cumsum(2.0 * gradient[:, axis], dim=axis + 1) - 1.0
+        g = gradient[:, axis]
+        step = 2.0 * g if step_range == 1.0 else 1.0 + step_range * (2.0 * g - 1.0)
+        pos = torch.cumsum(step, dim=axis + 1) - 1.0
         shape = [1] * len(spatial)
         shape[axis] = size
         idx = torch.arange(size, device=gradient.device, dtype=pos.dtype).view(1, *shape)
@@ -115,6 +121,10 @@ class GradientRegNet(nn.Module):
         blocks_per_level: 3x3x3 convs after each stride-2 conv (encoder; decoder mirrors them).
         deep_supervision: in training mode also return the fields of the coarser decoder levels.
         symmetric: in training mode also return the fixed->moving field (merge order swapped).
+        step_range: the integrated step is ``1 + step_range (2 g - 1)`` voxels (1, the paper: (0, 2));
+            see ``gradient_to_ddf``. It changes the field, so inference must use the training value.
+        supervised_levels: with deep supervision, how many decoder levels (finest first) return a field;
+            ``None`` = all (the paper). Unused heads stay in the state dict, so checkpoints load either way.
         norm, act: MONAI layer factory names.
 
     ``forward`` returns the ddf tensor in eval mode. In training mode it returns a dict:
@@ -131,16 +141,24 @@ class GradientRegNet(nn.Module):
         blocks_per_level: Sequence[int] = (1, 2, 3, 2),
         deep_supervision: bool = True,
         symmetric: bool = False,
+        step_range: float = 1.0,
+        supervised_levels: int | None = None,
         norm: str | tuple = "INSTANCE",
         act: str | tuple = "RELU",
     ) -> None:
         super().__init__()
+        if not 0.0 < step_range <= 1.0:
+            raise ValueError(f"step_range must be in (0, 1] (steps stay positive), got {step_range}")
         if len(base_channels) != len(blocks_per_level) + 1:
             raise ValueError("base_channels needs one more entry than blocks_per_level (the input block)")
         ch = [int(c * channel_multiplier) for c in base_channels]
         self.in_channels = in_channels
         self.deep_supervision = deep_supervision
         self.symmetric = symmetric
+        self.step_range = float(step_range)
+        self.supervised_levels = (
+            len(blocks_per_level) if supervised_levels is None else int(supervised_levels)
+        )
         self.factor = 2 ** len(blocks_per_level)
         # encoder (shared by moving and fixed)
         self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels)
@@ -172,7 +190,7 @@ class GradientRegNet(nn.Module):
         n = len(self.up)
         for k, (up, head) in enumerate(zip(self.up, self.heads, strict=True)):
             x = up(x, merged[n - 1 - k])
-            if k == n - 1 or all_levels:
+            if k == n - 1 or (all_levels and k >= n - self.supervised_levels):
                 g = torch.sigmoid(head(x))
                 if g.shape[2:] != merged[0].shape[2:]:
                     g = F.interpolate(g, size=merged[0].shape[2:], mode="trilinear", align_corners=False)
@@ -193,12 +211,12 @@ class GradientRegNet(nn.Module):
         all_levels = self.training and self.deep_supervision
         grads = self.decode(diff, size, all_levels)
         if not self.training:
-            return gradient_to_ddf(grads[0])
-        out = {"gradients": grads, "ddfs": [gradient_to_ddf(g) for g in grads]}
+            return gradient_to_ddf(grads[0], self.step_range)
+        out = {"gradients": grads, "ddfs": [gradient_to_ddf(g, self.step_range) for g in grads]}
         out["ddf"] = out["ddfs"][0]
         if self.symmetric:
             grads_sym = self.decode([-d for d in diff], size, all_levels)  # fixed - moving
             out["gradients_sym"] = grads_sym
-            out["ddfs_sym"] = [gradient_to_ddf(g) for g in grads_sym]
+            out["ddfs_sym"] = [gradient_to_ddf(g, self.step_range) for g in grads_sym]
             out["ddf_sym"] = out["ddfs_sym"][0]
         return out
