@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "registration"
+BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+BUNDLE = BUNDLES / "registration"
 
 # The demo grid and the width every recipe below shares (6 mm, 48x40x64; multiplier 1).
 DEMO_GRID = {"spatial_size": [48, 40, 64], "pixdim": [6.0, 6.0, 6.0], "channel_multiplier": 1}
@@ -45,6 +46,35 @@ RECIPES: dict[str, dict] = {
 
 # The paper's configuration (one step is timed; a GPU's work on this CPU).
 PAPER = {"channel_multiplier": 8, "crop_size": [128, 128, 128], "batch_size": 2}
+
+
+def prepare_data(
+    work: str | os.PathLike, size: str = "tiny", n_l2r: int = 30, spacing=(6.0, 6.0, 6.0), shape=(48, 40, 64)
+) -> str:
+    """Synthetic Learn2Reg-style scans (``n_l2r`` subjects: 0001, 0004, ... 0028 are validation), run through the
+    preprocessing bundle onto the grid; returns the datalist. Reused when it exists."""
+    from .synth import generate
+
+    work = Path(work)
+    datalist = work / "preprocessed" / "datalist.json"
+    if datalist.exists():
+        return str(datalist)
+    generate(work / "raw", size=size, n_l2r=n_l2r, n_other=0, cohorts=("l2r",), log=lambda _: None)
+    pre = BUNDLES / "preprocessing"
+    args = {
+        "bundle_root": str(pre),
+        "cohort": "l2r",
+        "input_dir": str(work / "raw" / "AbdomenCTCT"),
+        "output_dir": str(work / "preprocessed"),
+        "spacing": list(spacing),
+        "shape": list(shape),
+    }
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/preprocess.json"]
+    for k, v in args.items():
+        cmd += [f"--{k}", _literal(v)]
+    env = {**os.environ, "PYTHONPATH": str(pre)}
+    subprocess.run(cmd, cwd=pre, env=env, check=True, capture_output=True, text=True)
+    return str(datalist)
 
 
 def _literal(value) -> str:
@@ -209,22 +239,31 @@ def _split_row(name: str, res: Mapping, margin: float) -> str:
 
 
 def bench(
-    datalist: str,
+    datalist: str | None = None,
     out: str = "runs/bench_train",
     recipes: str = "today,fast",
     minutes: float = 30.0,
     jobs: int = 2,
     margin: float = 0.05,
     val_key: str = "registration_val",
+    paper: bool = False,
     paper_datalist: str | None = None,
 ) -> dict:
     """Time to quality of each recipe side by side (at most ``minutes`` of training each, ``jobs`` at
-    once on one thread each) and, with ``paper_datalist`` (2 mm scans), one paper-size step.
+    once on one thread each) and, with ``paper`` (or a 2 mm ``paper_datalist``), one paper-size step.
 
+    Without ``datalist`` it makes the demo-grid data itself (30 synthetic Learn2Reg-style subjects: 20
+    training scans, 45 validation pairs of 10 scans; with ``paper``, 4 subjects at 2 mm, 192x160x256).
     Prints a Markdown table (seconds per training iteration, split) and writes ``out/bench_train.json``.
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    if datalist is None:
+        datalist = prepare_data(root / "data_6mm")
+    if paper and paper_datalist is None:
+        paper_datalist = prepare_data(
+            root / "data_2mm", size="full", n_l2r=4, spacing=(2.0, 2.0, 2.0), shape=(192, 160, 256)
+        )
     names = [r for r in (recipes.split(",") if isinstance(recipes, str) else recipes) if r]
     base = {**DEMO_GRID, "datalist": str(Path(datalist).resolve()), "val_key": val_key, "max_epochs": 10000}
     runs = {

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import fire
 
+from . import bench_train
 from .pipeline import PIPELINES, Runner
 from .synth import ALL_COHORTS, generate
 
@@ -69,7 +70,15 @@ def demo(work: str = "runs/demo", jobs: int | None = None) -> None:
     print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
 
 
-COMMANDS = {"synth": synth, "pipeline": Pipeline, "demo": demo}
+class BenchTrain:
+    """Training benchmark (``abdoreg bench_train run --datalist ...``): step split and time to quality."""
+
+    run = staticmethod(bench_train.bench)
+    sweep = staticmethod(bench_train.sweep)
+    tuning_split = staticmethod(bench_train.tuning_split)
+
+
+COMMANDS = {"synth": synth, "pipeline": Pipeline, "demo": demo, "bench_train": BenchTrain}
 
 
 def main() -> None:

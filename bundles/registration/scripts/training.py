@@ -190,7 +190,7 @@ def existing(path: str | os.PathLike | None) -> str | None:
 
 
 def warmup_cosine(
-    total_iters: int, warmup_iters: int = 0, final_fraction: float = 0.0
+    total_iters: int, warmup_iters: int = 0, final_fraction: float = 1.0
 ) -> Callable[[int], float]:
     """Learning-rate factor per iteration for ``torch.optim.lr_scheduler.LambdaLR``: linear warm-up over
     ``warmup_iters``, then a cosine decay to ``final_fraction`` at ``total_iters`` (and constant after).
@@ -215,8 +215,8 @@ class TrainingTimer:
     ``forward`` (batch to device + network), ``loss``, ``backward_optimizer`` (backward + optimiser
     step) and ``other`` (per-iteration handlers: logging, progress bar); per epoch end: ``validation``
     (the validator's run, best-model save included) and ``checkpoint`` (every other epoch-end handler:
-    the resume checkpoint, epoch logs). Each validation appends ``{iteration, epoch, wall_s, metric,
-    val_s}`` to ``curve``, ``wall_s`` counted from the trainer's start (the validation at start, the
+    the resume checkpoint, epoch logs). Each validation appends ``{iteration, wall_s, metric, val_s}``
+    to ``curve`` (the trainer's iteration, so a resumed run continues the count), ``wall_s`` counted from the trainer's start (the validation at start, the
     identity's Dice, included). ``max_wall_s`` stops training after that much wall time (at the end of
     an iteration), which is how a benchmark or a sweep gives every recipe the same budget. On CUDA each
     mark synchronises the device, so the split is real (and slightly slower than an unobserved run).
@@ -271,6 +271,7 @@ class TrainingTimer:
     def _started(self, engine: Engine) -> None:
         self._sync = str(getattr(engine.state, "device", "")).startswith("cuda") and torch.cuda.is_available()
         self._t0 = self._mark = self._now()
+        self._trainer = engine
         # the last EPOCH_COMPLETED handler (attached now, after the checkpoint saver) closes the epoch end
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_end_completed)
 
@@ -303,9 +304,10 @@ class TrainingTimer:
         self.totals["validation"] += spent
         self._val_in_epoch_end += spent
         metric = validator.state.metrics.get(self.key_metric)
+        trainer = getattr(self, "_trainer", None)
         self.curve.append(
             {
-                "iteration": self.iterations,
+                "iteration": trainer.state.iteration if trainer is not None else self.iterations,
                 "wall_s": round(now - self._t0, 3),
                 "metric": None if metric is None else float(metric),
                 "val_s": round(spent, 3),
