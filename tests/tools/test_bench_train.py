@@ -56,3 +56,17 @@ def test_bench_pipeline_trains_and_scores_every_ablation_model_with_one_recipe(t
     deps = dependencies(stages)
     assert "registration_pretrain_pseudo" in deps["registration_finetune_pseudo"]
     assert len(by_name["report"].args["methods"]) == 6
+
+
+def test_train_command_lists_configs_and_passes_literals():
+    """The benchmark runs the bundle as a user would; overrides arrive as literals MONAI's CLI parses back."""
+    cmd = bench_train.train_command(
+        ["train.json", "fast_train.json"], {"crop_size": None, "spatial_size": [48, 40, 64]}
+    )
+    assert cmd[1:4] == ["-m", "monai.bundle", "run"]
+    assert cmd[cmd.index("--config_file") + 1] == "['configs/train.json', 'configs/fast_train.json']"
+    assert (
+        cmd[cmd.index("--crop_size") + 1] == "None" and cmd[cmd.index("--spatial_size") + 1] == "[48, 40, 64]"
+    )
+    assert set(bench_train.RECIPES) >= {"today", "fast"}
+    assert all((REG_CONFIGS / c).is_file() for configs, _ in bench_train.RECIPES.values() for c in configs)
