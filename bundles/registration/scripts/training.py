@@ -314,6 +314,8 @@ class TrainingTimer:
             }
         )
         self._mark = now
+        if trainer is not None:
+            self.write(trainer)  # a reader (a sweep, a person) sees each point as it comes
 
     def summary(self) -> dict:
         n = max(self.iterations, 1)
