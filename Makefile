@@ -3,8 +3,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# MONAI Label 0.8.5 (tools/monailabel_app) has its own environment: its dependencies conflict with the core
+# (pydicom 2, jsonschema 3, monai 1.5; see tools/monailabel_app/requirements.txt). torchvision, which it
+# imports, links PyTorch's CUDA libraries, so the CPU torch above cannot load it: this environment takes
+# the torch/torchvision pair that installs together here (both from local files, CUDA build, runs on CPU).
+ML_VENV ?= .venv-monailabel
+ML_PY := $(ML_VENV)/bin/python
+ML_TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-core test-monailabel monailabel-env lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,12 +25,31 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/abdoreg demo
 
-test: $(VENV)/.installed
+# the core suite (tests/monailabel skips itself there, with its reason), then the MONAI Label app's tests
+test: test-core test-monailabel
+
+test-core: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+# one command for the MONAI Label environment; abdoreg goes in without its dependencies (the tests use
+# abdoreg.synth, whose needs are all there; the core pins would clash with MONAI Label's)
+$(ML_VENV)/.installed: tools/monailabel_app/requirements.txt
+	python3 -m venv $(ML_VENV)
+	$(ML_PY) -m pip install -q --upgrade pip
+	$(ML_PY) -m pip install -q $(ML_TORCH)
+	$(ML_PY) -m pip install -q --no-deps "monailabel==0.8.5"
+	$(ML_PY) -m pip install -q -r tools/monailabel_app/requirements.txt
+	$(ML_PY) -m pip install -q --no-deps -e .
+	touch $@
+
+monailabel-env: $(ML_VENV)/.installed
+
+test-monailabel: $(ML_VENV)/.installed
+	$(ML_PY) -m pytest -q tests/monailabel
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(ML_VENV) runs

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.bundle_import import SCHEMA, bundle_dir, run_bundle
+from tests.bundle_import import REPO, bundle_dir, import_bundle_module, metadata_schema, run_bundle
 from tests.conftest import COHORT_DIRS, TINY, preprocess
 
+PRE = import_bundle_module("preprocessing", "scripts.preprocess")
 ORGAN = {"spleen": 1, "right kidney": 2, "left kidney": 3, "liver": 6, "pancreas": 11}
 
 
@@ -147,9 +153,12 @@ def test_rerun_skips_unchanged_cases_and_redoes_changed_ones(tiny_cohorts, tmp_p
     first = preprocess(raw, out, "l2r", num_workers=2)
     assert "9 processed, 0 unchanged" in first.stdout + first.stderr
     stamp = {p: p.stat().st_mtime_ns for p in (out / "l2r").rglob("*.nii.gz")}
+    datalists = {p: p.stat().st_mtime_ns for p in out.glob("datalist*.json")}
     second = preprocess(raw, out, "l2r")
     assert "0 processed, 9 unchanged" in second.stdout + second.stderr
     assert stamp == {p: p.stat().st_mtime_ns for p in (out / "l2r").rglob("*.nii.gz")}
+    # a no-op re-run leaves the datalists untouched, so the pipeline's later stages stay done
+    assert datalists == {p: p.stat().st_mtime_ns for p in out.glob("datalist*.json")}
     changed = raw / "AbdomenCTCT" / "imagesTr" / "AbdomenCTCT_0002_0000.nii.gz"
     img = nib.load(changed)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 1, img.affine, img.header), changed)
@@ -222,7 +231,7 @@ def test_bad_inputs_are_named_and_the_rest_is_done(tiny_cohorts, tiny_preprocess
     assert (out / "msd_spleen" / "images" / "good.nii.gz").exists()
     assert [it["case"] for it in _datalist(out / "datalist.json")["training"]] == ["good"]
     produced = {p.name for p in out.rglob("*") if p.is_file()}
-    assert not [n for n in produced if n.startswith(".tmp")], "half-written files left behind"
+    assert not [n for n in produced if n.startswith(".")], "temporary files left behind"
     assert not any(case in n for n in produced for case in reasons), "outputs written for a failed case"
 
 
@@ -234,8 +243,9 @@ def test_missing_reference_is_a_clear_error(tiny_cohorts, tmp_path):
 
 def test_metadata_is_valid():
     root = bundle_dir("preprocessing")
-    assert SCHEMA.exists(), f"schema not found at {SCHEMA}"
-    proc = run_bundle("preprocessing", "metadata.json", {"filepath": str(SCHEMA)}, entry="verify_metadata")
+    proc = run_bundle(
+        "preprocessing", "metadata.json", {"filepath": str(metadata_schema())}, entry="verify_metadata"
+    )
     assert "verified with no error" in proc.stdout + proc.stderr
     assert (root / "docs" / "README.md").exists() and (root / "LICENSE").exists()
 
@@ -247,3 +257,187 @@ def test_truncated_gzip_is_really_truncated(tmp_path):
     data = path.read_bytes()
     with pytest.raises((EOFError, OSError)):
         gzip.decompress(data[: len(data) // 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad runs never lose or corrupt data (issue #12, cases 5, 6, 7, 16, 19, 21)
+# ---------------------------------------------------------------------------------------------
+def _args(input_dir: Path, out: Path, cohort: str, **overrides) -> dict:
+    """Keyword arguments of ``run_cohort`` as the bundle config builds them (tiny grid)."""
+    root = bundle_dir("preprocessing")
+    return {
+        "cohort": cohort,
+        "input_dir": str(input_dir),
+        "output_dir": str(out),
+        "cohort_table": str(root / "configs" / "cohorts" / f"{cohort}.json"),
+        "organs_file": str(root / "configs" / "organs.json"),
+        **TINY,
+        **overrides,
+    }
+
+
+def _copy_datalists(src: Path, out: Path) -> dict[str, bytes]:
+    out.mkdir(parents=True)
+    for path in src.glob("datalist*.json"):
+        shutil.copy2(path, out / path.name)
+    return {p.name: p.read_bytes() for p in out.glob("datalist*.json")}
+
+
+def test_empty_input_dir_is_an_error_and_keeps_the_datalist(tiny_preprocessed, tmp_path):
+    out = tmp_path / "out"
+    before = _copy_datalists(tiny_preprocessed.parent, out)
+    (tmp_path / "empty").mkdir()
+    reference = tiny_preprocessed.parent / "l2r" / "images" / "AbdomenCTCT_0001_0000.nii.gz"
+    args = {"input_dir": str(tmp_path / "empty"), "reference": str(reference)}
+    proc = preprocess(tmp_path, out, "kits", check=False, **args)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, "an empty cohort folder must fail"
+    assert f"no cases found in {tmp_path / 'empty'}" in log and "case_XXXXX" in log, log[-2000:]
+    assert {p.name: p.read_bytes() for p in out.glob("datalist*.json")} == before, "datalist changed"
+
+
+def test_unknown_cohort_lists_the_known_ones(tmp_path):
+    with pytest.raises(PRE.PreprocessingFailed) as err:
+        PRE.run_cohort(**_args(tmp_path, tmp_path / "out", "kist"))
+    message = str(err.value)
+    assert "unknown cohort 'kist'" in message and "--cohort_table" in message
+    assert all(name in message for name in ("kits", "l2r", "msd_liver", "folder")), message
+
+
+def test_folder_cohort_labels_are_optional(tiny_cohorts, tiny_preprocessed, tmp_path):
+    """A folder cohort with a label map for one scan only: the other scan is image-only, not an error."""
+    src = tiny_cohorts / "Task09_Spleen"
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    for name in ("spleen_000.nii.gz", "spleen_001.nii.gz"):
+        shutil.copy(src / "imagesTr" / name, mine / "images" / name)
+    reference = tiny_preprocessed.parent / "l2r" / "images" / "AbdomenCTCT_0001_0000.nii.gz"
+    out = tmp_path / "out"
+    summary = PRE.run_cohort(**_args(mine, out, "folder", align="none", reference=str(reference)))
+    assert summary["processed"] == 2 and not summary["failed"]
+    items = _datalist(out / "datalist.json")["training"]
+    assert [("label" in it, sum(it["annotated"])) for it in items] == [(False, 0), (False, 0)]
+    (mine / "labels").mkdir()
+    shutil.copy(src / "labelsTr" / "spleen_001.nii.gz", mine / "labels" / "spleen_001.nii.gz")
+    PRE.run_cohort(**_args(mine, out, "folder", align="none", reference=str(reference)))
+    items = {it["case"]: it for it in _datalist(out / "datalist.json")["training"]}
+    assert "label" not in items["spleen_000"] and items["spleen_001"]["annotated"] == [1] * 13
+    assert (np.asarray(nib.load(out / items["spleen_001"]["label"]).dataobj) == ORGAN["spleen"]).any()
+
+
+# A preprocessing run killed (SIGKILL) just before its second NIfTI output is renamed into place.
+_KILLED_RUN = """
+import json, os, signal, sys
+import scripts.preprocess as pre
+rename, count = os.replace, [0]
+def replace(src, dst, *args, **kwargs):
+    if str(dst).endswith(".nii.gz"):
+        count[0] += 1
+        if count[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst, *args, **kwargs)
+os.replace = replace
+pre.run_cohort(**json.loads(sys.argv[1]))
+"""
+
+
+def test_temporary_files_of_a_killed_run_are_never_read_and_are_removed(tiny_cohorts, tmp_path):
+    out = tmp_path / "out"
+    args = _args(tiny_cohorts / "AbdomenCTCT", out, "l2r")
+    env = {**os.environ, "PYTHONPATH": str(bundle_dir("preprocessing"))}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(args)], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    left = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert left, "the killed run left no temporary file: the test does not test anything"
+    assert not [p for p in (out / "l2r" / "images").glob("*.nii.gz") if p in left], (
+        f"temporary files match the pattern that reads outputs: {left}"
+    )
+    PRE.run_cohort(**args)  # the re-run
+    reference = PRE.find_reference(None, out)
+    assert reference.name == "AbdomenCTCT_0001_0000.nii.gz", reference
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")], "leftovers kept"
+
+
+def _grid_lies(out: Path) -> list[str]:
+    """Images a datalist of ``out`` lists on another grid than the datalist states."""
+    wrong = []
+    for path in out.glob("datalist*.json"):
+        dl = _datalist(path)
+        for it in _items(dl, "l2r"):
+            img = nib.load(out / it["image"])
+            spacing = list(nib.affines.voxel_sizes(img.affine))
+            if list(img.shape) != dl["shape"] or not np.allclose(spacing, dl["spacing"]):
+                wrong.append(f"{path.name}: {it['image']} is {img.shape} at {spacing}")
+    return wrong
+
+
+def test_a_killed_regrid_never_leaves_a_datalist_on_another_grid(tiny_cohorts, tmp_path, monkeypatch):
+    raw, out = tiny_cohorts / "AbdomenCTCT", tmp_path / "out"
+    PRE.run_cohort(**_args(raw, out, "l2r"))
+    coarse = {"spacing": [8.0, 8.0, 8.0], "shape": [36, 30, 48]}
+    rename, count = os.replace, [0]
+
+    def killed_after_three_images(src, dst, *args, **kwargs):
+        if str(dst).endswith(".nii.gz"):
+            count[0] += 1
+            if count[0] > 6:  # three cases (label + image) are on the new grid, the rest on the old one
+                raise KeyboardInterrupt
+        return rename(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_after_three_images)
+        with pytest.raises(KeyboardInterrupt):
+            PRE.run_cohort(**_args(raw, out, "l2r", **coarse))
+    assert not _grid_lies(out), _grid_lies(out)
+    PRE.run_cohort(**_args(raw, out, "l2r", **coarse))  # the re-run completes the new grid
+    assert _datalist(out / "datalist.json")["shape"] == coarse["shape"] and not _grid_lies(out)
+    assert len(_items(_datalist(out / "datalist.json"), "l2r")) == 9
+
+
+def test_a_folder_holds_one_grid(tiny_preprocessed, tiny_cohorts, tmp_path):
+    """Other cohorts of the folder on another grid: refused before anything is written."""
+    out = tmp_path / "out"
+    before = _copy_datalists(tiny_preprocessed.parent, out)
+    with pytest.raises(PRE.PreprocessingFailed, match="another output_dir") as err:
+        PRE.run_cohort(
+            **_args(tiny_cohorts / "AbdomenCTCT", out, "l2r", spacing=[8.0] * 3, shape=[36, 30, 48])
+        )
+    assert "kits (6x6x6 mm, 48x40x64 voxels)" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.glob("datalist*.json")} == before
+    assert not (out / "l2r").exists()
+
+
+def _doc_block(doc: str, marker: str) -> str:
+    """The fenced code block that follows ``<!-- doc-test: marker -->`` in a Markdown file."""
+    m = re.search(rf"<!-- doc-test: {marker} -->\s*```\w*\n(.*?)```", doc, re.S)
+    assert m, f"no block marked {marker}"
+    return m.group(1)
+
+
+def test_documented_own_cohort_commands_work(tiny_cohorts, tmp_path):
+    """The label table and the command of the docs' 'Your own scans' section, run as written (tiny grid)."""
+    doc = (bundle_dir("preprocessing") / "docs" / "README.md").read_text()
+    data = tmp_path / "data"
+    table = json.loads(_doc_block(doc, "own-cohort-table"))
+    command = _doc_block(doc, "own-cohort-run").replace("/data/", f"{data}/")
+    assert f"{data}/my_scans/table.json" in command and "--reference" in command
+    mine = data / "my_scans"
+    for sub in ("images", "labels"):
+        (mine / sub).mkdir(parents=True)
+    src = tiny_cohorts / "Task03_Liver"
+    for i in range(2):
+        for sub, native in (("images", "imagesTr"), ("labels", "labelsTr")):
+            shutil.copy(src / native / f"liver_{i:03d}.nii.gz", mine / sub / f"scan_{i + 1:03d}.nii.gz")
+    (mine / "table.json").write_text(json.dumps(table))
+    grid = f' --spacing "{TINY["spacing"]}" --shape "{TINY["shape"]}"'
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", "-ec", command.strip() + grid], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dl = _datalist(data / "preprocessed_mine" / "datalist.json")
+    assert [it["case"] for it in dl["training"]] == ["scan_001", "scan_002"]
+    for it in dl["training"]:
+        assert it["annotated"] == [int(i == ORGAN["liver"]) for i in range(1, 14)]
+        lab = np.asarray(nib.load(data / "preprocessed_mine" / it["label"]).dataobj)
+        assert set(np.unique(lab)) == {0, ORGAN["liver"]}, it["label"]

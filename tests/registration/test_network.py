@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.networks.blocks import Warp
 
-from tests.bundle_import import SCHEMA, import_bundle_module, run_bundle
+from tests.bundle_import import import_bundle_module, metadata_schema, run_bundle
 
 networks = import_bundle_module("registration", "scripts.networks")
 
@@ -138,7 +138,11 @@ def test_paper_width_parameter_count():
 
 def test_verify_metadata():
     proc = run_bundle(
-        "registration", "metadata.json", {"filepath": str(SCHEMA)}, entry="verify_metadata", timeout=120
+        "registration",
+        "metadata.json",
+        {"filepath": str(metadata_schema())},
+        entry="verify_metadata",
+        timeout=120,
     )
     assert "verified with no error" in proc.stdout + proc.stderr
 

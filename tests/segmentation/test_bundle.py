@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_import import SCHEMA, bundle_dir, run_bundle
+from tests.bundle_import import bundle_dir, metadata_schema, run_bundle
 
 SEG = bundle_dir("segmentation")
 TINY_NET = {
@@ -77,6 +77,9 @@ def test_resume_after_interruption(trained):
         log[-3000:]
     )
     assert "Epoch[1] Complete" not in log and f"Epoch[{EPOCHS}] Complete" in log
+    assert sorted(p.name for p in (work / "models").glob("checkpoint_*")) == [
+        f"checkpoint_epoch={EPOCHS}.pt"
+    ], "the checkpoint the resumed run started from is left behind"
     ckpt = torch.load(
         work / "models" / f"checkpoint_epoch={EPOCHS}.pt", map_location="cpu", weights_only=False
     )
@@ -85,6 +88,17 @@ def test_resume_after_interruption(trained):
     assert (
         max(s["step"] for s in ckpt["optimizer"]["state"].values()) == EPOCHS * 8
     )  # Adam moments carried over
+
+
+def test_rerunning_a_finished_training_changes_nothing(trained):
+    """A finished run is recognised: no epoch is trained again, no checkpoint rewritten (unless asked)."""
+    work, _, _, args = trained
+    files = {p: p.stat().st_mtime_ns for p in (work / "models").iterdir()}
+    proc = run_bundle("segmentation", "train.json", {**args, "max_epochs": EPOCHS, "cache_rate": 0.0})
+    log = _log(proc)
+    assert f"training already finished: the checkpoint reached epoch {EPOCHS}" in log, log[-3000:]
+    assert "Complete" not in log and "Saved checkpoint" not in log, log[-3000:]
+    assert files == {p: p.stat().st_mtime_ns for p in (work / "models").iterdir()}
 
 
 def test_inference_writes_pseudo_labels_for_every_cohort(trained, tiny_preprocessed):
@@ -152,8 +166,14 @@ def test_ckpt_export_matches_checkpoint(trained, tmp_path):
         torch.testing.assert_close(scripted(x), net.eval()(x), atol=1e-5, rtol=1e-4)
 
 
-def test_verify_metadata_and_net_in_out():
-    run_bundle("segmentation", "inference.json", {"filepath": str(SCHEMA)}, entry="verify_metadata")
+def test_verify_metadata():
+    proc = run_bundle(
+        "segmentation", "inference.json", {"filepath": str(metadata_schema())}, entry="verify_metadata"
+    )
+    assert "verified with no error" in _log(proc)
+
+
+def test_verify_net_in_out():
     proc = run_bundle(
         "segmentation", "inference.json", {"net_id": "network_def", **TINY_NET}, entry="verify_net_in_out"
     )

@@ -16,6 +16,7 @@ from tests.bundle_import import import_bundle_module
 losses = import_bundle_module("segmentation", "scripts.losses")
 data = import_bundle_module("segmentation", "scripts.data")
 pseudo = import_bundle_module("segmentation", "scripts.pseudo")
+checkpoints = import_bundle_module("segmentation", "scripts.checkpoints")
 
 C = 14
 
@@ -134,8 +135,8 @@ def test_cohort_sampler_weights_and_ranks():
     assert sorted(list(ranks[0]) + list(ranks[1])) == sorted(whole)
 
 
-def _tiny_datalist(root: Path) -> Path:
-    """Two cohorts on disk: one labelled, one image-only."""
+def _tiny_datalist(root: Path, **extra) -> Path:
+    """Two cohorts on disk: one labelled, one image-only (``extra``: more top-level keys)."""
     affine = np.diag([6.0, 6.0, 6.0, 1.0])
     items = []
     for cohort, case, labelled in (("l2r", "A_0001_0000", True), ("msd_colon", "colon_000", False)):
@@ -160,7 +161,7 @@ def _tiny_datalist(root: Path) -> Path:
         items.append(item)
     pair = {"fixed": items[0]["image"], "moving": items[0]["image"]}
     path = root / "datalist.json"
-    path.write_text(json.dumps({"training": items, "validation": [], "registration_val": [pair]}))
+    path.write_text(json.dumps({"training": items, "validation": [], "registration_val": [pair], **extra}))
     return path
 
 
@@ -168,7 +169,7 @@ def test_datalist_reading_keeps_cohort_names(tmp_path):
     path = _tiny_datalist(tmp_path)
     items = data.load_datalist(path)
     assert items[0]["cohort"] == "l2r" and Path(items[0]["image"]).is_file()  # not turned into a folder path
-    assert [it["cohort"] for it in data.labelled_items(path)] == ["l2r"]
+    assert [it["cohort"] for it in data.labelled_items(path, "training", 13)] == ["l2r"]
     assert [it["case"] for it in data.image_items(path)] == ["A_0001_0000", "colon_000"]
 
 
@@ -176,7 +177,7 @@ def test_pseudo_label_writer_and_datalist(tmp_path):
     path = _tiny_datalist(tmp_path / "pre")
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError):
-        pseudo.write_pseudo_datalist(path, out)
+        pseudo.write_pseudo_datalist(path, out, 13)
     save = pseudo.SaveLabelMapd(keys="pred", output_dir=out)
     from monai.data import MetaTensor
 
@@ -186,7 +187,7 @@ def test_pseudo_label_writer_and_datalist(tmp_path):
         )
         result = save({"pred": pred, **it})
         assert Path(result["pseudo_label"]).is_file()
-    written = Path(pseudo.write_pseudo_datalist(path, out))
+    written = Path(pseudo.write_pseudo_datalist(path, out, 13))
     new = json.loads(written.read_text())
     assert [p.name for p in out.rglob(".*")] == []  # no temp files left behind
     for item in new["training"]:
@@ -200,7 +201,38 @@ def test_pseudo_label_writer_and_datalist(tmp_path):
 
 
 def test_latest_checkpoint(tmp_path):
-    assert data.latest_checkpoint(tmp_path / "none") is None
+    assert checkpoints.latest_checkpoint(tmp_path / "none") is None
     for n in (2, 10, 9):
-        (tmp_path / f"checkpoint_epoch={n}.pt").write_bytes(b"")
-    assert Path(data.latest_checkpoint(tmp_path)).name == "checkpoint_epoch=10.pt"
+        torch.save({"epoch": n}, tmp_path / f"checkpoint_epoch={n}.pt")
+    assert Path(checkpoints.latest_checkpoint(tmp_path)).name == "checkpoint_epoch=10.pt"
+
+
+def test_outputs_never_leave_the_output_folder(tmp_path):
+    """Output names come from the datalist's ``cohort``/``case``: a ``..`` in them is refused, nothing escapes."""
+    from monai.data import MetaTensor
+
+    out = tmp_path / "a" / "b" / "out"
+    save = pseudo.SaveLabelMapd(keys="pred", output_dir=out)
+    pred = MetaTensor(torch.full((1, 4, 4, 4), 1.0), affine=torch.eye(4))
+    for cohort, case in (("l2r", "../../../x"), ("..", "x"), ("l2r", "/tmp/x"), ("a/../..", "x")):
+        with pytest.raises(ValueError, match="not a plain name"):
+            save({"pred": pred, "cohort": cohort, "case": case})
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "a file was written"
+    path = _tiny_datalist(tmp_path / "pre")
+    dl = json.loads(path.read_text())
+    dl["training"][1]["case"] = "../../../x"
+    path.write_text(json.dumps(dl))
+    with pytest.raises(ValueError, match="not a plain name") as err:
+        data.image_items(path)
+    assert str(path) in str(err.value), "the error names the datalist"
+
+
+def test_an_image_on_another_grid_than_its_datalist_is_named(tmp_path):
+    """A preprocessing re-run with another spacing, killed half-way: reading the datalist names the file."""
+    path = _tiny_datalist(tmp_path, spacing=[6.0, 6.0, 6.0], shape=[8, 8, 8])
+    assert len(data.load_datalist(path)) == 2  # consistent: read as before
+    moved = tmp_path / "msd_colon" / "images" / "colon_000.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((24, 24, 24), np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), moved)
+    with pytest.raises(ValueError, match="msd_colon") as err:
+        data.image_items(path)
+    assert str(moved) in str(err.value) and "(24, 24, 24)" in str(err.value)

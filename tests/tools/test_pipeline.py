@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,36 @@ def test_finetune_starts_from_the_pretrained_weights(tiny_run):
     assert any(v.abs().sum() > 0 for k, v in pretrained.items() if "weight" in k), (
         "pretrained weights are not all zero"
     )
+
+
+def test_export_a_finished_training_stage(tiny_run, tmp_path):
+    """`abdoreg export --stage`: the stage's model, the settings the pipeline trained it with, and the
+    figures of the stage that evaluated it."""
+    from abdoreg.export import export
+
+    work, _ = tiny_run
+    archive = export(
+        "registration",
+        stage="registration_finetune_pseudo",
+        pipeline=str(TINY),
+        work=str(work),
+        data="tiny synthetic cohorts (abdoreg synth)",
+        out=str(tmp_path),
+    )
+    name = "abdominal_ct_registration"
+    with zipfile.ZipFile(archive) as zf:
+        meta = json.loads(zf.read(f"{name}/configs/metadata.json"))
+        inference = json.loads(zf.read(f"{name}/configs/inference.json"))
+        zf.extract(f"{name}/models/model.pt", tmp_path)
+    variables, _ = load_pipeline(TINY, work)
+    assert inference["channel_multiplier"] == int(variables["reg_width"])
+    assert inference["spatial_size"] == json.loads(variables["shape"]) and inference["symmetric"] is True
+    evaluation = json.loads((work / "evaluation" / "pretrain_pseudo" / "metrics.json").read_text())
+    assert meta["eval_metrics"]["val_mean_dice"] == pytest.approx(evaluation["summary"]["dice"])
+    exported = torch.load(tmp_path / name / "models" / "model.pt", weights_only=True)
+    trained = torch.load(work / "registration" / "finetune_pseudo" / "models" / "model.pt", weights_only=True)
+    trained = trained.get("model", trained)
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
 
 
 def _literal(value):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+import sys
 import time
 from pathlib import Path
 
 import fire
 
 from . import bench_train
-from .pipeline import PIPELINES, Runner
-from .synth import ALL_COHORTS, generate
+from .export import ExportError, export
+from .pipeline import PIPELINES, Interrupted, Runner, StageFailed, read_spec
 
 
 def synth(
@@ -17,12 +20,19 @@ def synth(
     size: str = "tiny",
     n_l2r: int = 9,
     n_other: int = 3,
-    cohorts: str | tuple[str, ...] = ALL_COHORTS,
+    cohorts: str | tuple[str, ...] | None = None,
     seed: int = 0,
 ) -> str:
-    """Generate synthetic cohorts in their native layouts (sizes: tiny, demo, small, full)."""
-    names = cohorts.split(",") if isinstance(cohorts, str) else tuple(cohorts)
-    return str(generate(out, size=size, n_l2r=n_l2r, n_other=n_other, cohorts=names, seed=seed))
+    """Generate synthetic cohorts in their native layouts (sizes: tiny, demo, small, full; all cohorts
+    unless ``--cohorts l2r,kits,...``)."""
+    from .synth import ALL_COHORTS, generate  # torch and the phantom: only for this command
+
+    names = ALL_COHORTS if cohorts is None else cohorts.split(",") if isinstance(cohorts, str) else cohorts
+    return str(generate(out, size=size, n_l2r=n_l2r, n_other=n_other, cohorts=tuple(names), seed=seed))
+
+
+class UsageError(ValueError):
+    """A mistake on the command line: printed as one message, without a traceback."""
 
 
 def _pipeline_file(config: str) -> Path:
@@ -34,11 +44,47 @@ def _pipeline_file(config: str) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(p.stem for p in sorted(PIPELINES.glob("*.yaml")))
-    raise FileNotFoundError(f"no pipeline file {config!r} (shipped pipelines: {names})")
+    raise UsageError(f"no pipeline file {config!r} (shipped pipelines: {names})")
+
+
+_RUN_OPTIONS = ("config", "work", "start", "only", "jobs")
+
+
+def _check_vars(config: str, command: str, options: tuple[str, ...], vars: dict) -> Path | None:
+    """The pipeline file, after checking ``vars`` against its variables; None when help was asked for.
+
+    ``**vars`` would otherwise swallow ``--help`` and misspelt options (``--wrok``) and run the pipeline.
+    """
+    path = _pipeline_file(config)
+    spec = read_spec(path)
+    variables = spec.get("vars", {}) or {}
+    if vars.get("help") is True or vars.get("h") is True:
+        lines = [
+            f"usage: abdoreg pipeline {command} "
+            + " ".join(f"[--{o} ...]" for o in options)
+            + " [--VARIABLE VALUE ...]",
+            "",
+            inspect.cleandoc(getattr(Pipeline, command).__doc__ or ""),
+            "",
+            f"pipeline variables of {path} (override with --NAME VALUE):",
+            *(f"  --{k}  (default: {v})" for k, v in variables.items()),
+            "",
+            "stages: " + ", ".join(s["name"] for s in spec.get("stages", [])),
+        ]
+        print("\n".join(lines))
+        return None
+    unknown = [k for k in vars if k not in variables]
+    if unknown:
+        raise UsageError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join('--' + k for k in unknown)} for "
+            f"`abdoreg pipeline {command}`. Valid options: {', '.join('--' + o for o in options)}; "
+            f"pipeline variables of {path.name}: {', '.join('--' + k for k in variables) or 'none'}"
+        )
+    return path
 
 
 class Pipeline:
-    """Run the stages of a pipeline file: ``abdoreg pipeline run --config demo --work runs/demo``."""
+    """Run or list the stages of a pipeline file (commands: run, list); ``--help`` after one for its options."""
 
     def run(
         self,
@@ -50,14 +96,21 @@ class Pipeline:
         **vars,
     ):
         """Run stages in order (``--start X`` from stage X, ``--only X,Y`` just those); unchanged stages are
-        skipped; ``--jobs N`` runs up to N independent stages at once (default: the file's ``jobs``)."""
-        runner = Runner(_pipeline_file(config), work, extra_vars=vars, jobs=jobs)
+        skipped; ``--jobs N`` runs up to N independent stages at once (default: the file's ``jobs``);
+        ``--NAME VALUE`` sets a variable of the pipeline file."""
+        path = _check_vars(config, "run", _RUN_OPTIONS, vars)
+        if path is None:
+            return None
+        runner = Runner(path, work, extra_vars=vars, jobs=jobs)
         runner.run(start=start, only=only)
         return None
 
     def list(self, config: str = "demo", work: str = "runs/demo", **vars) -> None:
         """Print the stages and whether each is done (stamp matches and outputs exist)."""
-        runner = Runner(_pipeline_file(config), work, extra_vars=vars)
+        path = _check_vars(config, "list", ("config", "work"), vars)
+        if path is None:
+            return None
+        runner = Runner(path, work, extra_vars=vars)
         for stage in runner.stages:
             print(f"{'done   ' if runner.is_done(stage) else 'pending'}  {stage.name}")
 
@@ -65,7 +118,7 @@ class Pipeline:
 def demo(work: str = "runs/demo", jobs: int | None = None) -> None:
     """The synthetic end-to-end demo: all five stages at small size on CPU, then the ablation table."""
     t0 = time.time()
-    Pipeline().run(config="demo", work=work, jobs=jobs)
+    COMMANDS["pipeline"].run(config="demo", work=work, jobs=jobs)
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
     print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
 
@@ -78,11 +131,22 @@ class BenchTrain:
     tuning_split = staticmethod(bench_train.tuning_split)
 
 
-COMMANDS = {"synth": synth, "pipeline": Pipeline, "demo": demo, "bench_train": BenchTrain}
+COMMANDS = {"synth": synth, "pipeline": Pipeline(), "demo": demo, "export": export, "bench_train": BenchTrain}
 
 
 def main() -> None:
-    fire.Fire(COMMANDS)
+    try:
+        fire.Fire(COMMANDS)
+    except (UsageError, ExportError) as exc:
+        print(f"abdoreg: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except StageFailed as exc:  # the cause is in the message; a traceback of the runner adds nothing
+        print(f"abdoreg: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as exc:  # the running stages have been ended; do not wait for built-in steps
+        print(f"abdoreg: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + exc.signum)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,15 @@
 
 A pipeline file (YAML) lists stages; each runs one bundle config through
 ``python -m monai.bundle run`` with overrides, in its own log. A stage is skipped when a
-stamp (hash of its config files, overrides and input files) matches and its outputs exist;
+stamp (hash of its config files, overrides, input files and the Python code it runs) matches
+and its outputs exist;
 an interrupted training stage is simply run again and resumes from the checkpoint the bundle
 left. With ``jobs`` > 1, stages whose inputs do not come from each other run at the same time
 (like ``make -j``): a stage waits for every earlier stage that writes one of its inputs (a path
 equal to, inside, or containing an output or its folder) or that it names in ``after``.
+SIGTERM or SIGINT to the runner ends every running stage with all its descendants (e.g.
+preprocessing workers) before the runner exits. Stages stay in the runner's process group, so
+``kill -- -PGID`` (the only way to reach them after a SIGKILL of the runner alone) ends them too.
 This module holds no stage logic: what a stage does lives in the bundle's config.
 """
 
@@ -17,8 +21,11 @@ import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -26,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .files import write_text
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = Path(__file__).resolve().parent / "pipelines"
@@ -110,14 +119,45 @@ def _signature(path: Path) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def stage_code(stage: Stage) -> dict[str, str]:
+    """Hashes of the Python a stage runs: its bundle's ``scripts/``, or this package's own steps."""
+    if stage.bundle:
+        root = REPO / "bundles" / stage.bundle
+        files = list((root / "scripts").rglob("*.py"))
+    else:
+        root = Path(__file__).resolve().parent
+        files = [root / "steps.py", root / "files.py", *(root / "synth").rglob("*.py")]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
+
+
 def stage_stamp(stage: Stage) -> str:
-    """Hash of everything that determines a stage's result."""
+    """Hash of everything that determines a stage's result: settings, configs, code and inputs."""
     content: dict[str, Any] = {"stage": stage.__dict__}
     if stage.bundle:
         cfg_dir = REPO / "bundles" / stage.bundle / "configs"
         content["configs"] = {c: (cfg_dir / c).read_text() for c in stage.configs}
+    content["code"] = stage_code(stage)
     content["inputs"] = [_signature(Path(p)) for p in stage.inputs]
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def exception_lines(log: str, max_lines: int = 40) -> list[str]:
+    """The exception lines of every Python traceback in ``log``, the root cause first (as Python prints
+    chained exceptions): what went wrong, without the frames of MONAI's config machinery around it."""
+    found: list[str] = []
+    state = "text"  # text -> frames (after "Traceback ...") -> message (the exception lines)
+    for line in log.splitlines():
+        if line.startswith("Traceback (most recent call last):"):
+            state = "frames"
+        elif state == "frames" and line and not line[0].isspace():
+            state = "message"
+            found.append(line)
+        elif state == "message":
+            if not line.strip() or line.startswith(("The above exception", "During handling")):
+                state = "text"
+            else:
+                found.append(line)
+    return found[:max_lines]
 
 
 def bundle_command(stage: Stage) -> list[str]:
@@ -152,6 +192,47 @@ def bundle_command(stage: Stage) -> list[str]:
     return cmd
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an ended one waiting to be reaped is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)  # no /proc (not Linux): existence is all we can tell
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return state not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, parents first (Linux ``/proc``; elsewhere ``pid`` alone)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, queue = [], [pid]
+    while queue:
+        found.append(queue.pop(0))
+        queue += children.get(found[-1], [])
+    return found
+
+
+class StageFailed(RuntimeError):
+    """A stage's process failed; the message names its log and quotes the exception lines."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The runner got SIGTERM or SIGINT: its running stages were ended, it stops."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; running stages were ended")
+        self.signum = signum
+
+
 class Runner:
     """Runs the stages of one pipeline in one working folder (logs and stamps live there)."""
 
@@ -167,6 +248,8 @@ class Runner:
         self.variables, self.stages = load_pipeline(pipeline, self.work, extra_vars)
         self.jobs = max(1, int(jobs if jobs is not None else read_spec(pipeline).get("jobs", 1)))
         self.echo = echo
+        self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         (self.work / "stamps").mkdir(parents=True, exist_ok=True)
 
@@ -194,12 +277,54 @@ class Runner:
         other); returns (stage, status, seconds) rows in the order the stages finished. After a failure
         no new stage starts; those running finish, then the first error is raised."""
         selected = self.select(start, only)
+        restore = self._forward_signals()
+        try:
+            return self._run(selected)
+        except BaseException:
+            self._end_children()
+            raise
+        finally:
+            restore()
+
+    def _forward_signals(self):
+        """On SIGTERM/SIGINT (main thread only), end the running stages and raise ``Interrupted``."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            raise Interrupted(signum)
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+    def _end_children(self, grace: float = 10.0) -> None:
+        """SIGTERM to every running stage and its descendants, SIGKILL to those left after ``grace`` s."""
+        with self._lock:
+            children = list(self._children)
+        targets = [pid for proc in children for pid in descendants(proc.pid)]  # before any is reparented
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in targets:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                for proc in children:
+                    proc.poll()  # reaps our own children
+                targets = [pid for pid in targets if _running(pid)]
+                if not targets:
+                    return
+                time.sleep(0.05)
+
+    def _run(self, selected: list[Stage]) -> list[tuple[str, str, float]]:
         deps = dependencies(selected)
         rows: list[tuple[str, str, float]] = []
         finished: set[str] = set()
         errors: list[BaseException] = []
         pending, running = list(selected), {}
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
             while pending or running:
                 for stage in list(pending):
                     if errors or len(running) >= self.jobs:
@@ -224,6 +349,8 @@ class Runner:
                     except Exception as exc:  # re-raised once the running stages end
                         errors.append(exc)
                         self.echo(f"[fail] {stage.name}")
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # on an interrupt, do not wait for stages
         if errors:
             raise errors[0]
         return rows
@@ -231,16 +358,33 @@ class Runner:
     def _run_stage(self, stage: Stage) -> tuple[str, str, float]:
         t0 = time.time()
         self.echo(f"[run ] {stage.name} (log: {self.work / 'logs' / (stage.name + '.log')})")
+        self._forget_stale_run(stage)
         self._execute(stage)
         missing = [p for p in stage.outputs if not Path(p).exists()]
         if missing:
             raise RuntimeError(f"stage {stage.name} finished but did not write {', '.join(missing)}")
         stamp = self.work / "stamps" / f"{stage.name}.json"
-        tmp = stamp.with_name(f".tmp-{stamp.name}")
-        tmp.write_text(json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
-        os.replace(tmp, stamp)
+        write_text(stamp, json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
         self.echo(f"[done] {stage.name} in {time.time() - t0:.0f} s")
         return stage.name, "done", time.time() - t0
+
+    def _forget_stale_run(self, stage: Stage) -> None:
+        """A stage that finished before with other inputs, configs or code starts afresh.
+
+        Its resumable state (the ``ckpt_dir`` a bundle stage writes checkpoints to) is removed with its
+        stamp; a stage with no stamp was interrupted, so its state stays and the bundle resumes from it.
+        Without this a bundle would see its finished checkpoint and leave the old result in place.
+        """
+        stamp = self.work / "stamps" / f"{stage.name}.json"
+        if not stamp.exists():
+            return
+        state = stage.overrides.get("ckpt_dir") if stage.bundle else None
+        if state and Path(state).is_dir():
+            self.echo(
+                f"[new ] {stage.name}: inputs, configs or code changed since it finished; removing {state}"
+            )
+            shutil.rmtree(state)
+        stamp.unlink()
 
     def _execute(self, stage: Stage) -> None:
         log = self.work / "logs" / f"{stage.name}.log"
@@ -260,9 +404,20 @@ class Runner:
         with log.open("w") as fh:
             fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             fh.flush()
-            proc = subprocess.run(cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            with self._lock:
+                self._children.add(proc)
+            try:
+                proc.wait()
+            finally:
+                with self._lock:
+                    self._children.discard(proc)
         if proc.returncode != 0:
-            tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-            raise RuntimeError(
-                f"stage {stage.name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}"
+            text = log.read_text(errors="replace")
+            cause = exception_lines(text)
+            tail = "".join(text.splitlines(keepends=True)[-15:])
+            because = "\n".join(["cause (the exception lines of the log):", *cause, ""]) if cause else ""
+            raise StageFailed(
+                f"stage {stage.name} failed (exit {proc.returncode}), log {log}\n{because}"
+                f"last lines of the log:\n{tail}"
             )

@@ -7,10 +7,10 @@ Everything else a pipeline does is a bundle config; the report only reads the me
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from .files import atomic_path, write_text
 from .synth import generate
 
 COLUMNS = [
@@ -29,12 +29,6 @@ def synth(log: Callable[[str], None], out: str, **kwargs) -> None:
     generate(out, log=log, **kwargs)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def report(log: Callable[[str], None], methods: dict[str, str], out_dir: str, title: str = "Ablation") -> str:
     """Markdown table and PNG bar chart of each method's ``metrics.json`` summary; returns the table."""
     out = Path(out_dir)
@@ -51,8 +45,8 @@ def report(log: Callable[[str], None], methods: dict[str, str], out_dir: str, ti
             cells.append(fmt.format(value) if isinstance(value, (int, float)) else "-")
         lines.append(f"| {name} | {summary.get('num_pairs', '-')} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    _atomic_write(out / "report.md", table)
-    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    write_text(out / "report.md", table)
+    write_text(out / "report.json", json.dumps(rows, indent=2))
     _chart(rows, out / "report.png", title)
     log(table)
     print(table)
@@ -86,7 +80,6 @@ def _chart(rows: dict[str, dict], path: Path, title: str) -> None:
         ax.set_yticklabels([])
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -20,6 +20,7 @@ class Case:
     image: Path
     label: Path | None = None
     split: str = "training"
+    label_optional: bool = False  # an image without a label file is an image-only case, not an error
 
 
 @dataclass
@@ -128,22 +129,30 @@ def _tcia(root: Path, table: dict) -> CohortListing:
     cases = []
     label_dir = root / table.get("label_dir", "labels")
     pattern = table.get("label_pattern", "label{num}.nii.gz")
-    for patient in sorted(p for p in (root / table.get("images", "images")).iterdir() if p.is_dir()):
+    for patient in sorted(p for p in _subfolder(root, table.get("images", "images")).iterdir() if p.is_dir()):
         num = re.findall(r"\d+", patient.name)[-1]
         lab = label_dir / pattern.format(num=num)
         cases.append(Case(patient.name, _dicom_folder(patient), lab))
     return CohortListing(cases)
 
 
+def _subfolder(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no {name}/ folder in {root}")
+    return folder
+
+
 def _folder(root: Path, table: dict) -> CohortListing:
+    """Scans under ``images/``; a label map of the same name under ``labels/`` is optional."""
     cases = []
     label_dir = root / table.get("label_dir", "labels")
-    for img in sorted((root / table.get("images", "images")).iterdir()):
+    for img in sorted(_subfolder(root, table.get("images", "images")).iterdir()):
         if img.name.startswith("."):
             continue
         src = _dicom_folder(img) if img.is_dir() else img
         lab = label_dir / (img.name if img.is_file() else f"{img.name}.nii.gz")
-        cases.append(Case(_case_id(img), src, lab if lab.exists() else None))
+        cases.append(Case(_case_id(img), src, lab if lab.exists() else None, label_optional=True))
     return CohortListing(cases)
 
 
@@ -154,6 +163,17 @@ LAYOUTS: dict[str, Callable[[Path, dict], CohortListing]] = {
     "kits": _kits,
     "tcia": _tcia,
     "folder": _folder,
+}
+
+
+# What each layout expects, for the error that says a folder holds no case.
+LAYOUT_HELP = {
+    "l2r": "Expected: imagesTr/, labelsTr/ and a *_dataset.json (Learn2Reg).",
+    "l2r2020": "Expected: img/img0001.nii.gz, label/label0001.nii.gz and pairs_val.csv (Learn2Reg 2020).",
+    "msd": "Expected: imagesTr/, labelsTr/ and dataset.json with a non-empty 'training' list (MSD task).",
+    "kits": "Expected: case_XXXXX/imaging.nii.gz folders, directly or under data/ (KiTS19).",
+    "tcia": "Expected: one folder of DICOM files per patient under the table's `images` folder.",
+    "folder": "Expected: NIfTI files or DICOM folders under images/ (labels/ optional).",
 }
 
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from .files import atomic_write, json_bytes, nifti_bytes, remove_stale_temps
 from .geometry import (
     CaseError,
     Volume,
@@ -36,7 +35,7 @@ from .geometry import (
     unit_axes,
 )
 from .labels import LabelTable
-from .layouts import Case, CohortListing, list_cohort
+from .layouts import LAYOUT_HELP, Case, CohortListing, list_cohort
 
 logger = logging.getLogger("preprocessing")
 RECORD_VERSION = 1
@@ -87,23 +86,6 @@ def file_signature(path: Path | None) -> list | None:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def _outputs(s: Settings, case: Case, with_label: bool) -> tuple[Path, Path | None, Path]:
     base = s.output_dir / s.cohort
     name = f"{case.case}.nii.gz"
@@ -137,7 +119,7 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
                 f"{case.label}: label grid {native.array.shape} does not match image {case.image} grid {image.array.shape}"
                 " (shape or affine differ)"
             )
-    elif labels.has_labels and case.split != "test":
+    elif labels.has_labels and case.split != "test" and not case.label_optional:
         raise CaseError(f"{case.image}: missing label file (the cohort {s.cohort} is labelled)")
 
     # Target grid: the reference's orientation and centre (Learn2Reg space), the configured spacing and shape.
@@ -170,8 +152,8 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     if out_lab is not None:
-        _atomic_nifti(out_lab, aff, lab_out)
-    _atomic_nifti(out_img, aff, img_out)
+        atomic_write(lab_out, nifti_bytes(out_lab, aff))
+    atomic_write(img_out, nifti_bytes(out_img, aff))
     record = {
         "case": case.case,
         "cohort": s.cohort,
@@ -187,7 +169,7 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
         "signature": signature,
         "settings": digest,
     }
-    atomic_json(record, rec_out)  # written last: its presence means the case is complete
+    atomic_write(rec_out, json_bytes(record))  # written last: its presence means the case is complete
     return record
 
 
@@ -235,8 +217,34 @@ def _datalist(s: Settings, listing: CohortListing, records: dict[str, dict]) -> 
     return out
 
 
+def _grid(part: dict) -> tuple[list[float], list[int]]:
+    return [float(v) for v in part.get("spacing", [])], [int(v) for v in part.get("shape", [])]
+
+
+def _describe(grid: tuple[list[float], list[int]]) -> str:
+    spacing, shape = grid
+    return f"{'x'.join(f'{v:g}' for v in spacing)} mm, {'x'.join(str(v) for v in shape)} voxels"
+
+
+def cohort_grids(output_dir: Path) -> dict[str, tuple[list[float], list[int]]]:
+    """The grid (spacing, shape) of every cohort datalist in ``output_dir``, by cohort."""
+    return {
+        path.name[len("datalist_") : -len(".json")]: _grid(json.loads(path.read_text()))
+        for path in sorted(Path(output_dir).glob("datalist_*.json"))
+    }
+
+
 def merge_datalists(output_dir: Path) -> dict:
-    """Merge every ``datalist_<cohort>.json`` of ``output_dir`` into ``datalist.json``."""
+    """Merge every ``datalist_<cohort>.json`` of ``output_dir`` into ``datalist.json``.
+
+    The file is rewritten only when its content changes (later pipeline stages stay done), and
+    removed when no cohort is left. Cohorts on different grids are refused: one folder, one grid.
+    """
+    output_dir = Path(output_dir)
+    grids = cohort_grids(output_dir)
+    if len({json.dumps(g) for g in grids.values()}) > 1:
+        listed = ", ".join(f"{c} ({_describe(g)})" for c, g in grids.items())
+        raise PreprocessingFailed(f"{output_dir}: cohorts on different grids, not merged: {listed}")
     merged: dict = {}
     for path in sorted(output_dir.glob("datalist_*.json")):
         part = json.loads(path.read_text())
@@ -245,18 +253,67 @@ def merge_datalists(output_dir: Path) -> dict:
                 merged.setdefault(key, value)
             elif isinstance(value, list):
                 merged.setdefault(key, []).extend(value)
-    atomic_json(merged, output_dir / "datalist.json")
+    if merged:
+        atomic_write(output_dir / "datalist.json", json_bytes(merged))
+    else:
+        (output_dir / "datalist.json").unlink(missing_ok=True)
     return merged
+
+
+def _check_grid(cohort: str, out: Path, spacing, shape) -> None:
+    """One output folder holds one grid; a re-run of ``cohort`` on a new grid withdraws its old datalist.
+
+    Other cohorts on another grid: refused before anything is written. This cohort on another
+    grid (a re-run with a new ``spacing``/``shape``): its datalist is removed first and written
+    again when the run completes, so a datalist never lists images of another grid, even if the
+    run is killed half-way.
+    """
+    wanted = ([float(v) for v in spacing], [int(v) for v in shape])
+    grids = cohort_grids(out)
+    others = {c: g for c, g in grids.items() if c != cohort and g != wanted}
+    if others:
+        listed = ", ".join(f"{c} ({_describe(g)})" for c, g in others.items())
+        raise PreprocessingFailed(
+            f"cohort {cohort}: {out} holds cohorts on another grid: {listed}; this run asks for "
+            f"{_describe(wanted)}. One output folder holds one grid: preprocess into another output_dir "
+            "(or remove that folder first)"
+        )
+    if cohort in grids and grids[cohort] != wanted:
+        logger.warning(
+            f"cohort {cohort}: grid changes from {_describe(grids[cohort])} to {_describe(wanted)}; "
+            "its datalist is withdrawn until this run completes"
+        )
+        (out / f"datalist_{cohort}.json").unlink()
+        merge_datalists(out)
 
 
 def find_reference(reference: str | None, output_dir: Path) -> Path | None:
     """The reference scan: the configured one, else the first preprocessed Learn2Reg image in ``output_dir``."""
     if reference:
         return Path(reference)
-    found = sorted((output_dir / "l2r" / "images").glob("*.nii.gz")) or sorted(
-        (output_dir / "l2r2020" / "images").glob("*.nii.gz")
-    )
-    return found[0] if found else None
+    for cohort in ("l2r", "l2r2020"):
+        found = sorted(
+            p for p in (output_dir / cohort / "images").glob("*.nii.gz") if not p.name.startswith(".")
+        )
+        if found:
+            return found[0]
+    return None
+
+
+def read_table(cohort: str, cohort_table: str) -> dict:
+    """The cohort's label table; an unknown cohort is an error that lists the known ones."""
+    path = Path(cohort_table)
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        raise PreprocessingFailed(
+            f"unknown cohort {cohort!r}: no label table {path}. Known cohorts: {', '.join(known) or 'none'}. "
+            "For your own scans use `--cohort folder` (labels already in the 13-organ scheme) or write a "
+            "table and pass `--cohort_table /path/table.json` (see the bundle's docs/README.md)"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PreprocessingFailed(f"{path}: not a valid JSON label table ({exc})") from exc
 
 
 def run_cohort(
@@ -274,15 +331,29 @@ def run_cohort(
     registration: dict | None = None,
 ) -> dict:
     """Preprocess every case of a cohort folder; write ``datalist_<cohort>.json`` and the merged ``datalist.json``."""
-    table = json.loads(Path(cohort_table).read_text())
+    table = read_table(cohort, cohort_table)
     organs = json.loads(Path(organs_file).read_text())
     out = Path(output_dir)
+    try:
+        listing = list_cohort(input_dir, table)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PreprocessingFailed(
+            f"cohort {cohort}: cannot list the cases of {input_dir} (layout {table.get('layout')!r}): {exc}"
+        ) from exc
+    if not listing.cases:
+        raise PreprocessingFailed(
+            f"cohort {cohort}: no cases found in {input_dir} (layout {table.get('layout')!r}); is it the "
+            f"right folder? Nothing was written. {LAYOUT_HELP.get(table.get('layout'), '')}"
+        )
     align_mode = (align or table.get("align", "translation")).lower()
     ref_path = find_reference(reference, out) if align_mode != "none" or reference else None
     if align_mode != "none" and ref_path is None:
         raise PreprocessingFailed(
             f"cohort {cohort}: align={align_mode!r} needs a reference Learn2Reg scan: set `reference`, or preprocess the l2r cohort into {out} first"
         )
+    _check_grid(cohort, out, spacing, shape)
+    for path in remove_stale_temps(out / cohort) + remove_stale_temps(out, recursive=False):
+        logger.info(f"removed {path}, left by an interrupted run")
     s = Settings(
         cohort,
         table,
@@ -296,7 +367,6 @@ def run_cohort(
         dict(registration or {}),
     )
     reference_vol = read_volume(ref_path, "reference") if ref_path else None
-    listing = list_cohort(input_dir, table)
     labels = LabelTable(table, organs)
     logger.info(
         f"cohort {cohort}: {len(listing.cases)} cases from {input_dir} -> {out / cohort} (align: {align_mode})"
@@ -314,8 +384,9 @@ def run_cohort(
         for job in tqdm(jobs, desc=cohort, unit="case"):
             _collect(*_worker(job), records, failures)
     skipped = sum(1 for r in records.values() if r.get("skipped"))
-    atomic_json(_datalist(s, listing, records), out / f"datalist_{cohort}.json")
-    merge_datalists(out)
+    if records:  # a run where every case failed leaves the datalists as they were
+        atomic_write(out / f"datalist_{cohort}.json", json_bytes(_datalist(s, listing, records)))
+        merge_datalists(out)
     logger.info(
         f"cohort {cohort}: {len(records) - skipped} processed, {skipped} unchanged (skipped), {len(failures)} failed"
     )

@@ -14,6 +14,10 @@ from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_text", "is_temp_name"]
 
+# mkstemp creates files readable by the owner only; outputs get the usual mode (0o666 minus the umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def is_temp_name(name: str) -> bool:
     """True for the hidden temp files this module creates (and any other hidden file)."""
@@ -33,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

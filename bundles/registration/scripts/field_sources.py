@@ -32,12 +32,23 @@ class InferenceBatch:
 
 
 class FieldFolderIteration:
-    """``iteration_update`` that reads each pair's Learn2Reg field from a folder (any method)."""
+    """``iteration_update`` that reads each pair's Learn2Reg field from a folder (any method).
 
-    def __init__(self, field_dir: str) -> None:
+    With ``pairs``, every pair's field is looked up before the first one is scored.
+    """
+
+    def __init__(self, field_dir: str, pairs: Sequence[dict] | None = None) -> None:
         self.field_dir = Path(field_dir)
         if not self.field_dir.is_dir():
             raise InputError(f"{self.field_dir}: field folder not found")
+        missing = []
+        for p in pairs or []:
+            try:
+                F.find_field(self.field_dir, p["fixed"], p["moving"])
+            except FileNotFoundError as exc:
+                missing.append(str(exc))
+        if missing:
+            raise InputError(f"{len(missing)} of {len(pairs)} pairs have no field: " + "; ".join(missing[:3]))
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         ddfs = []
@@ -52,11 +63,21 @@ class FieldFolderIteration:
 
 
 class SynIteration:
-    """``iteration_update`` running ANTs SyN (antspyx) per pair; the runtime goes to the metrics."""
+    """``iteration_update`` running ANTs SyN (antspyx) per pair; the runtime goes to the metrics.
 
-    def __init__(self, registration: dict, clip_hu: Sequence[float] | None = (-1000.0, 1500.0)) -> None:
+    ``deterministic``: with a ``random_seed`` in ``registration``, one ITK thread, so a rerun gives
+    the same fields (``scripts.syn.make_reproducible``).
+    """
+
+    def __init__(
+        self,
+        registration: dict,
+        clip_hu: Sequence[float] | None = (-1000.0, 1500.0),
+        deterministic: bool = True,
+    ) -> None:
         self.registration = dict(registration)
         self.clip_hu = tuple(clip_hu) if clip_hu else None
+        self.deterministic = str(deterministic).strip().lower() not in ("false", "0", "no")
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         from scripts.syn import register_pair  # antspyx only for this stage
@@ -66,7 +87,13 @@ class SynIteration:
             fixed, moving = batch["fixed"][b, 0], batch["moving"][b, 0]
             aff = np.asarray(fixed.affine, np.float64)
             field, seconds = register_pair(
-                fixed.numpy(), moving.numpy(), aff, aff, clip_hu=self.clip_hu, **self.registration
+                fixed.numpy(),
+                moving.numpy(),
+                aff,
+                aff,
+                clip_hu=self.clip_hu,
+                deterministic=self.deterministic,
+                **self.registration,
             )
             ddfs.append(F.l2r_to_ddf(field))
             runtimes.append(seconds)

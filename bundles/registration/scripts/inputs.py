@@ -12,7 +12,9 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["InputError", "IMAGE_KEYS", "LABEL_KEYS", "load_pairs"]
+from scripts.fields import field_name, pair_tag
+
+__all__ = ["InputError", "IMAGE_KEYS", "LABEL_KEYS", "load_pairs", "check_pairs"]
 
 IMAGE_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
@@ -89,3 +91,35 @@ def load_pairs(
     if key not in data:
         raise InputError(f"{path}: no list {key!r} (has {sorted(data)})")
     return [_with_labels(p, root) for p in data[key]]
+
+
+def check_pairs(pairs: list[dict], short_names: bool = False) -> list[dict]:
+    """``pairs`` unchanged once every file exists and every pair gets its own output names.
+
+    Runs before the first pair is registered, so a bad list writes nothing. Two pairs whose files
+    have the same names in different folders would get the same field, ``pairs/<tag>/`` folder and
+    metrics row name, the second overwriting the first: that is refused, naming both pairs.
+    """
+    if not pairs:
+        raise InputError("the pair list is empty")
+    missing = [
+        f"{p[k]} ({k} of pair {i + 1})" for i, p in enumerate(pairs) for k in p if not os.path.isfile(p[k])
+    ]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InputError(f"input files not found, nothing was registered: {'; '.join(missing[:5])}{more}")
+    seen: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        for name in {
+            pair_tag(p["fixed"], p["moving"]),
+            field_name(p["fixed"], p["moving"], short=short_names),
+        }:
+            j = seen.setdefault(name, i)
+            if j != i:
+                q = pairs[j]
+                raise InputError(
+                    f"pairs {j + 1} (fixed {q['fixed']}, moving {q['moving']}) and {i + 1} (fixed {p['fixed']}, "
+                    f"moving {p['moving']}) would both be written as {name!r}: output names come from the file "
+                    "names, so rename the files or register these pairs into different output folders"
+                )
+    return pairs

@@ -19,6 +19,7 @@ from monai.losses import BendingEnergyLoss, DiceLoss
 from monai.networks.blocks import Warp
 from torch import nn
 
+from scripts.metrics import NUM_ORGANS
 from scripts.networks import IDENTITY_GRADIENT
 
 __all__ = ["RegistrationLoss", "masked_dice_loss", "organ_mask", "one_hot_organs", "gradient_regulariser"]
@@ -83,7 +84,7 @@ class RegistrationLoss(nn.Module):
         dice_weight: float = 1.0,
         reg_weight: float = 1e-2,
         use_dice: bool = True,
-        num_organs: int = 13,
+        num_organs: int = NUM_ORGANS,
         fallback_regulariser: nn.Module | None = None,
         dice_levels: int | None = None,
     ) -> None:

@@ -23,7 +23,9 @@ from monai.metrics.utils import get_mask_edges
 
 from scripts.atomic import atomic_write_text
 
-LABELS: tuple[int, ...] = tuple(range(1, 14))  # 13 organs, BTCV order (see DESIGN section 4)
+# The bundle's one organ count (BTCV order, DESIGN section 4); configs pass ``num_organs``/``labels``.
+NUM_ORGANS = 13
+LABELS: tuple[int, ...] = tuple(range(1, NUM_ORGANS + 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +134,19 @@ def _nanmean(values: Sequence[float]) -> float:
     return math.nan if np.all(np.isnan(arr)) else float(np.nanmean(arr))
 
 
+def organ_dice(
+    fixed_seg: np.ndarray, moving_seg: np.ndarray, warped_seg: np.ndarray, labels: Iterable[int] = LABELS
+) -> list[float]:
+    """Per-organ DSC of the warped labels against the fixed ones; NaN where the organ is absent in the
+    fixed or the moving labels (the evaluator's rule, so absent organs never count as 0)."""
+    return [
+        dice(fixed_seg == lab, warped_seg == lab)
+        if (fixed_seg == lab).any() and (moving_seg == lab).any()
+        else math.nan
+        for lab in labels
+    ]
+
+
 def label_metrics(
     fixed_seg: np.ndarray,
     moving_seg: np.ndarray,
@@ -140,19 +155,19 @@ def label_metrics(
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> dict[str, float]:
     """Per-organ DSC, HD95 (voxels, the official unit spacing) and HD95 in mm, and their nanmeans."""
+    labels = list(labels)
     out: dict[str, float] = {}
-    dsc, hd, hd_mm = [], [], []
-    for lab in labels:
+    dsc = organ_dice(fixed_seg, moving_seg, warped_seg, labels)
+    hd, hd_mm = [], []
+    for lab, d in zip(labels, dsc, strict=True):
         fixed_mask = fixed_seg == lab
         warped_mask = warped_seg == lab
-        if not fixed_mask.any() or not (moving_seg == lab).any():
-            d = h = hm = math.nan
+        if math.isnan(d):
+            h = hm = math.nan
         else:
-            d = dice(fixed_mask, warped_mask)
             h = robust_hausdorff(fixed_mask, warped_mask, (1.0, 1.0, 1.0))
             hm = robust_hausdorff(fixed_mask, warped_mask, spacing_mm)
         out[f"dice_{lab}"], out[f"hd95_{lab}"], out[f"hd95_mm_{lab}"] = d, h, hm
-        dsc.append(d)
         hd.append(h)
         hd_mm.append(hm)
     out["dice"], out["hd95"], out["hd95_mm"] = _nanmean(dsc), _nanmean(hd), _nanmean(hd_mm)
@@ -168,6 +183,7 @@ def pair_metrics(
 ) -> dict[str, float]:
     """All metrics of one pair from its Learn2Reg field (D, H, W, 3) and, when given, its labels."""
     disp = np.asarray(disp, dtype=np.float64)
+    labels = list(labels)
     out: dict[str, float] = {}
     if fixed_seg is not None and moving_seg is not None:
         fixed_seg, moving_seg = np.asarray(fixed_seg), np.asarray(moving_seg)
@@ -176,13 +192,7 @@ def pair_metrics(
                 f"shape mismatch: fixed labels {fixed_seg.shape}, moving labels {moving_seg.shape}, field {disp.shape}"
             )
         warped = warp_labels(moving_seg, disp)
-        initial = [
-            dice(fixed_seg == lab, moving_seg == lab)
-            if (fixed_seg == lab).any() and (moving_seg == lab).any()
-            else math.nan
-            for lab in labels
-        ]
-        out["dice_initial"] = _nanmean(initial)
+        out["dice_initial"] = _nanmean(organ_dice(fixed_seg, moving_seg, moving_seg, labels))
         out.update(label_metrics(fixed_seg, moving_seg, warped, labels, spacing_mm))
     out.update(jacobian_stats(disp))
     return out

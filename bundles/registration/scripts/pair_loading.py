@@ -10,6 +10,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -25,7 +26,15 @@ from monai.transforms import (
 
 from scripts.inputs import IMAGE_KEYS, InputError
 
-__all__ = ["SEG", "LOADED", "LoadScand", "AlignCentersd", "CheckSameGridd", "load_pair_transforms"]
+__all__ = [
+    "SEG",
+    "LOADED",
+    "LoadScand",
+    "AlignCentersd",
+    "CheckSameGridd",
+    "grid_distance_mm",
+    "load_pair_transforms",
+]
 
 # Inside the pipeline labels and paths get names that do not start with "fixed_"/"moving_": MONAI's
 # Spacingd treats every "<key>_*" entry as a meta dict of <key>.
@@ -67,7 +76,9 @@ class AlignCentersd(MapTransform):
     """Translate the moving scan's affine so its centre meets the fixed scan's (records the shift).
 
     Scans of different patients sit at arbitrary scanner coordinates; without this a moving scan
-    can fall outside the fixed field of view. The shift is part of the transform we write.
+    can fall outside the fixed field of view. The shift is part of the transform we write. Applied
+    to the scans as loaded: the centres are those of the original geometry in world coordinates
+    (after resampling and padding the fixed grid's centre moves by up to a voxel).
     """
 
     def __init__(self, keys: Sequence[str] = ("moving", SEG["moving"]), ref_key: str = "fixed") -> None:
@@ -90,17 +101,54 @@ class AlignCentersd(MapTransform):
         return d
 
 
+def _describe_grid(img: MetaTensor) -> str:
+    aff = np.asarray(img.affine, np.float64)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    codes = "".join(nib.orientations.aff2axcodes(aff))
+    return (
+        f"shape {tuple(img.shape[1:])}, spacing {tuple(np.round(spacing, 3).tolist())} mm, {codes}, "
+        f"origin {tuple(np.round(aff[:3, 3], 2).tolist())}"
+    )
+
+
+def grid_distance_mm(a: MetaTensor, b: MetaTensor) -> float:
+    """Largest distance (mm) between the world positions the two grids give the same corner voxel.
+
+    One number for every part of the geometry: spacing, direction and origin (inf if shapes differ).
+    """
+    if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+        return float("inf")
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in a.shape[1:]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    diff = (np.asarray(a.affine, np.float64) - np.asarray(b.affine, np.float64)) @ corners
+    return float(np.linalg.norm(diff[:3], axis=0).max())
+
+
 class CheckSameGridd(MapTransform):
-    """Preprocessed inputs: every scan of the pair must already share the fixed scan's shape."""
+    """Preprocessed inputs: every scan of the pair must already be on the fixed scan's grid.
+
+    Registration is then array to array, which is right only when the arrays share the whole
+    geometry (shape, spacing, direction, origin); scans of the same shape stored LPS and RAS
+    would otherwise be registered mirrored.
+    """
+
+    def __init__(
+        self, keys: Sequence[str], tolerance_mm: float = 0.1, allow_missing_keys: bool = True
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.tolerance_mm = float(tolerance_mm)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        ref = tuple(d["fixed"].shape[1:])
+        ref = d["fixed"]
         for key in self.key_iterator(d):
-            if tuple(d[key].shape[1:]) != ref:
+            dist = grid_distance_mm(d[key], ref)
+            if dist > self.tolerance_mm:
                 raise InputError(
-                    f"{d.get(f'path_{key}', key)}: shape {tuple(d[key].shape[1:])} differs from the fixed scan "
-                    f"{d.get('path_fixed', '')} {ref}; pass preprocessed=false to resample from the affines"
+                    f"{d.get(f'path_{key}', key)} ({_describe_grid(d[key])}) is not on the grid of the fixed scan "
+                    f"{d.get('path_fixed', '')} ({_describe_grid(ref)}); preprocessed pairs are registered array "
+                    "to array: pass preprocessed=False to resample from the affines"
+                    + (f" (grids differ by up to {dist:.3g} mm)" if np.isfinite(dist) else "")
                 )
         return d
 
@@ -112,17 +160,22 @@ def load_pair_transforms(
     axcodes: str | None = None,
     align_centers: bool = True,
     pad_value: float = -1024.0,
+    grid_tolerance_mm: float = 0.1,
 ) -> list:
     """Load a pair and put both scans (and labels) on the model grid, from the affines.
 
     Raw scans: the fixed scan is reoriented (``axcodes``; None keeps its own), resampled to
     ``pixdim`` and centre-cropped/padded to ``spatial_size`` with ``pad_value``; the moving scan
     (and labels) is resampled once onto that grid with ``ResampleToMatchd``. ``ResampleToMatch``
-    pads with zeros, so images are shifted by ``-pad_value`` around it to pad with air.
+    pads with zeros, so images are shifted by ``-pad_value`` around it to pad with air. Centres are
+    aligned on the scans as loaded. Preprocessed scans must share the fixed grid within
+    ``grid_tolerance_mm``.
     """
     xforms: list = [LoadScand()]
     if preprocessed:
-        return [*xforms, CheckSameGridd(["moving", *SEG.values()], allow_missing_keys=True)]
+        return [*xforms, CheckSameGridd(["moving", *SEG.values()], grid_tolerance_mm)]
+    if align_centers:
+        xforms.append(AlignCentersd())
     if axcodes:
         xforms.append(Orientationd(["fixed", SEG["fixed"]], axcodes=axcodes, allow_missing_keys=True))
     xforms += [
@@ -132,8 +185,6 @@ def load_pair_transforms(
         ShiftIntensityd(IMAGE_KEYS, offset=-pad_value),
         ResizeWithPadOrCropd(["fixed", SEG["fixed"]], spatial_size=spatial_size, allow_missing_keys=True),
     ]
-    if align_centers:
-        xforms.append(AlignCentersd())
     xforms += [
         ResampleToMatchd(
             ["moving", SEG["moving"]],

@@ -21,6 +21,8 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.transforms import CastToTyped, Compose, EnsureTyped, LoadImaged, MapTransform, RandSpatialCropd
 
+from scripts.metrics import NUM_ORGANS
+
 __all__ = [
     "PAIR_KEYS",
     "load_cases",
@@ -54,7 +56,7 @@ def load_cases(
     key: str = "training",
     cohorts: Sequence[str] | None = None,
     label_key: str | None = "label",
-    num_organs: int = 13,
+    num_organs: int = NUM_ORGANS,
     exclude: Sequence[str] = (),
 ) -> list[dict]:
     """Cases of ``datalist[key]`` (absolute paths) as ``{"image", ["label"], "annotated", "cohort", "case"}``.
@@ -98,7 +100,7 @@ def load_cases(
 
 
 def load_val_pairs(
-    datalist: str | os.PathLike, key: str = "registration_val", num_organs: int = 13
+    datalist: str | os.PathLike, key: str = "registration_val", num_organs: int = NUM_ORGANS
 ) -> tuple[list[dict], list[tuple[int, int]]]:
     """Unique cases of the pair list and (moving index, fixed index) per pair, for ``PairDataset``."""
     data, root = _read(datalist)
@@ -134,6 +136,12 @@ def case_weights(cases: Sequence[Mapping], cohort_weights: Mapping[str, float] |
     a weight of 0 leaves the cohort out. Within a cohort the mass is split evenly.
     """
     cohorts = [c.get("cohort", "") for c in cases]
+    if len(cases) < 2:
+        names = ", ".join(str(c.get("case", c.get("image", "?"))) for c in cases) or "none"
+        raise ValueError(
+            f"training pairs need at least two cases, the datalist selection has {len(cases)} ({names}): "
+            "add cases, or widen train_key/cohorts/exclude_cases"
+        )
     if not cohort_weights:
         w = np.ones(len(cases))
     else:

@@ -4,7 +4,8 @@
 (moving, fixed) tensor and hands the loss a dict with both images, labels and the organs
 annotated in both cases, so ``RegistrationLoss(pred, target)`` has everything it needs. The
 validation ``SupervisedEvaluator`` uses ``RegistrationDice``, the Learn2Reg DSC (moving labels
-warped by nearest neighbour, organs present in both scans, nanmean per pair, mean over pairs).
+warped by nearest neighbour, organs present in both scans, nanmean per pair, mean over pairs),
+computed voxel for voxel as ``scripts.metrics`` (the reported evaluation) computes it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,18 +25,17 @@ from ignite.handlers import EMAHandler
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import IterationEvents
-from monai.networks.blocks import Warp
 
 from scripts.atomic import atomic_write_text
+from scripts.metrics import LABELS
 
 __all__ = [
     "TrainingBatch",
     "RegistrationDice",
+    "warp_labels_nearest",
     "pair_dice",
     "LossTermsHandler",
     "ProgressBarHandler",
-    "latest_checkpoint",
-    "existing",
     "ddf_of",
     "TrainingTimer",
     "warmup_cosine",
@@ -77,14 +76,35 @@ class TrainingBatch:
         return torch.cat([moving, fixed], dim=1), target
 
 
-_warp_nearest = Warp(mode="nearest", padding_mode="zeros")
+def warp_labels_nearest(labels: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """(B, 1, *spatial) integer labels at ``x + ddf(x)``, exactly as ``scripts.metrics.warp_labels``.
+
+    The evaluator's ``map_coordinates(order=0)``: coordinates in float64, ties rounded up, 0 where a
+    coordinate leaves [0, n - 1] on any axis. MONAI's ``Warp`` (``grid_sample``) rounds ties to even
+    and samples up to half a voxel outside the scan, so it scores other voxels at ties and borders.
+    """
+    spatial = ddf.shape[2:]
+    b = ddf.shape[0]
+    index = torch.zeros((), dtype=torch.long, device=ddf.device)
+    valid = torch.ones((), dtype=torch.bool, device=ddf.device)
+    for axis, n in enumerate(spatial):
+        shape = [1] * len(spatial)
+        shape[axis] = n
+        coord = (
+            torch.arange(n, dtype=torch.float64, device=ddf.device).view(1, *shape) + ddf[:, axis].double()
+        )
+        valid = valid & (coord >= 0) & (coord <= n - 1)
+        index = index * n + torch.floor(coord + 0.5).clamp(0, n - 1).long()
+    src = labels.reshape(b, -1).long()
+    warped = torch.gather(src, 1, index.reshape(b, -1)).reshape(b, *spatial)
+    return torch.where(valid, warped, torch.zeros_like(warped)).unsqueeze(1)
 
 
 def pair_dice(
     moving_label: torch.Tensor, fixed_label: torch.Tensor, ddf: torch.Tensor, labels: Sequence[int]
 ) -> torch.Tensor:
     """(B, len(labels)) Dice of the nearest-neighbour warped moving labels; NaN where absent in either scan."""
-    warped = _warp_nearest(moving_label.float(), ddf.float()).round().long()
+    warped = warp_labels_nearest(moving_label.round().long(), ddf.float())
     fixed_label, moving_label = fixed_label.long(), moving_label.long()
     out = torch.full((ddf.shape[0], len(labels)), float("nan"), device=ddf.device)
     for b in range(ddf.shape[0]):
@@ -104,7 +124,7 @@ class RegistrationDice(Metric):
 
     def __init__(
         self,
-        labels: Sequence[int] = tuple(range(1, 14)),
+        labels: Sequence[int] = LABELS,
         output_transform: Callable = lambda x: x,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -171,22 +191,6 @@ class ProgressBarHandler:
         ProgressBar(persist=self.persist).attach(
             engine, output_transform=lambda out: {"loss": float(out["loss"].detach())}
         )
-
-
-def latest_checkpoint(
-    ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$"
-) -> str | None:
-    """Newest full training state in ``ckpt_dir`` (highest epoch), or None: what a resumed run loads."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    found = [(int(m.group(1)), str(f)) for f in folder.iterdir() if (m := re.search(pattern, f.name))]
-    return max(found)[1] if found else None
-
-
-def existing(path: str | os.PathLike | None) -> str | None:
-    """``path`` if that file exists, else None (makes a loader conditional in a config)."""
-    return str(path) if path and Path(path).is_file() else None
 
 
 def warmup_cosine(

@@ -13,7 +13,7 @@ from ignite.engine import Engine, Events
 
 from scripts import fields as F
 from scripts.atomic import atomic_write
-from scripts.metrics import pair_metrics, write_json, write_results
+from scripts.metrics import LABELS, pair_metrics, write_json, write_results
 from scripts.pair_loading import SEG
 from scripts.qc import qc_figure
 from scripts.training import ddf_of
@@ -23,14 +23,16 @@ __all__ = ["RegistrationWriter"]
 logger = logging.getLogger("registration.infer")
 
 
-def _zip_folder(folder: Path, zip_path: Path) -> Path:
-    """Zip the visible files of ``folder`` (flat, as Learn2Reg submissions are), atomically."""
+def _zip_files(folder: Path, names: Sequence[str], zip_path: Path) -> Path:
+    """Zip the files ``names`` of ``folder`` (flat, as Learn2Reg submissions are), atomically.
+
+    Only this run's fields: the folder may hold an earlier run's fields for other pairs.
+    """
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for f in sorted(folder.iterdir()):
-                if f.is_file() and not f.name.startswith("."):
-                    zf.write(f, arcname=f.name)
+            for name in sorted(set(names)):
+                zf.write(folder / name, arcname=name)
 
     return atomic_write(zip_path, write)
 
@@ -44,7 +46,7 @@ class RegistrationWriter:
     def __init__(
         self,
         output_dir: str,
-        labels: Sequence[int] = tuple(range(1, 14)),
+        labels: Sequence[int] = LABELS,
         short_names: bool = False,
         field_ext: str = ".nii.gz",
         field_dtype: str = "float16",
@@ -65,6 +67,7 @@ class RegistrationWriter:
         self.write_images, self.write_qc, self.make_zip = write_images, write_qc, make_zip
         self.pad_value, self.metrics_name, self.method = float(pad_value), metrics_name, method
         self.rows: list[dict] = []
+        self.fields: list[str] = []  # this run's field files in the submission folder
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -76,7 +79,7 @@ class RegistrationWriter:
         return self.output_dir / "submission"
 
     def _started(self, engine: Engine) -> None:
-        self.rows = []
+        self.rows, self.fields = [], []
 
     def _iteration(self, engine: Engine) -> None:
         batch, output = engine.state.batch, engine.state.output
@@ -100,6 +103,7 @@ class RegistrationWriter:
         if self.write_fields:
             name = F.field_name(fixed_path, moving_path, short=self.short_names, ext=self.field_ext)
             F.save_l2r_field(self.submission_dir / name, field, dtype=self.field_dtype, affine=affine)
+            self.fields.append(name)
         if self.write_itk:
             F.save_itk_displacement(
                 pair_dir / "itk_displacement.nii.gz", field, affine, shift, self.itk_convention
@@ -142,5 +146,5 @@ class RegistrationWriter:
             return
         data = write_results(self.output_dir, self.rows, self.metrics_name, {"method": self.method})
         logger.info("summary: %s", data["summary"])
-        if self.write_fields and self.make_zip and self.submission_dir.is_dir():
-            _zip_folder(self.submission_dir, self.output_dir / "submission.zip")
+        if self.write_fields and self.make_zip and self.fields:
+            _zip_files(self.submission_dir, self.fields, self.output_dir / "submission.zip")

@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
@@ -22,8 +24,8 @@ __all__ = [
     "image_items",
     "CohortSampler",
     "PartialLabelBatch",
-    "latest_checkpoint",
     "existing",
+    "plain_name",
 ]
 
 # Keys whose values are file paths relative to the datalist's folder (data/README.md).
@@ -34,37 +36,84 @@ def _resolve(item: dict, base: Path) -> dict:
     return {k: str(base / v) if k in PATH_KEYS and isinstance(v, str) else v for k, v in item.items()}
 
 
+def _check_grid(items: list[dict], data: dict, datalist: Path) -> None:
+    """Every image on the grid the datalist states (``spacing``/``shape``, when it states one).
+
+    An image on another grid means its preprocessing was re-run with other settings and not
+    completed: say which file, rather than fail later on a tensor size.
+    """
+    if "spacing" not in data or "shape" not in data:
+        return
+    spacing, shape = np.asarray(data["spacing"], float), tuple(int(v) for v in data["shape"])
+    for it in items:
+        for key in ("image", "label"):
+            if not isinstance(it.get(key), str) or not Path(it[key]).is_file():
+                continue
+            img = nib.load(it[key])
+            got = nib.affines.voxel_sizes(img.affine)
+            if tuple(img.shape[:3]) != shape or not np.allclose(got, spacing, atol=1e-3):
+                raise ValueError(
+                    f"{it[key]} is {tuple(img.shape[:3])} voxels of {np.round(got, 3).tolist()} mm, but "
+                    f"{datalist} says {shape} of {spacing.tolist()} mm: re-run the preprocessing of cohort "
+                    f"{it.get('cohort')!r} into that folder to completion"
+                )
+
+
 def load_datalist(datalist: str | os.PathLike, key: str = "training") -> list[dict]:
-    """Items of list ``key`` with path keys made absolute.
+    """Items of list ``key`` with path keys made absolute, each image checked against the datalist's grid.
 
     ``monai.data.load_decathlon_datalist`` would also turn ``"cohort": "l2r"`` into a path
     whenever a folder ``l2r`` sits beside the JSON (it does, in the preprocessed layout).
     """
     path = Path(datalist)
     data = json.loads(path.read_text())
-    return [_resolve(item, path.parent.resolve()) for item in data.get(key, [])]
+    items = [_resolve(item, path.parent.resolve()) for item in data.get(key, [])]
+    _check_grid(items, data, path)
+    return items
 
 
-def labelled_items(datalist: str | os.PathLike, key: str = "training") -> list[dict]:
-    """Items that have a label map (image-only cohorts cannot train the segmentation)."""
+def labelled_items(datalist: str | os.PathLike, key: str, num_organs: int) -> list[dict]:
+    """Items that have a label map (image-only cohorts cannot train the segmentation).
+
+    An item without ``annotated`` annotates all ``num_organs`` organs.
+    """
     items = [it for it in load_datalist(datalist, key) if it.get("label")]
     for it in items:
         it.setdefault("annotated", None)
         if it["annotated"] is None:
-            it["annotated"] = [1] * 13
+            it["annotated"] = [1] * num_organs
         it.setdefault("cohort", "default")
     return items
 
 
+def plain_name(value: object, what: str, source: object) -> str:
+    """``value`` if it can be used as one file name (no folder, no ``..``), else a ValueError naming ``source``."""
+    name = str(value)
+    if name in ("", ".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise ValueError(
+            f"{source}: {what} {name!r} is not a plain name; output files are named after it, "
+            "so it may not hold a folder, '..' or surrounding spaces"
+        )
+    return name
+
+
 def image_items(datalist: str | os.PathLike, keys: Sequence[str] = ("training", "validation")) -> list[dict]:
-    """One ``{image, cohort, case}`` item per distinct image of the given lists (for inference)."""
+    """One ``{image, cohort, case}`` item per distinct image of the given lists (for inference).
+
+    ``cohort`` and ``case`` name output files: each must be a plain name (checked here, before
+    anything is written).
+    """
     seen: dict[str, dict] = {}
     for key in keys:
         for it in load_datalist(datalist, key):
             if it["image"] in seen:
                 continue
             case = it.get("case") or re.sub(r"(\.nii)?(\.gz)?$", "", Path(it["image"]).name)
-            seen[it["image"]] = {"image": it["image"], "cohort": it.get("cohort", "default"), "case": case}
+            seen[it["image"]] = {
+                "image": it["image"],
+                "cohort": plain_name(it.get("cohort", "default"), "cohort", datalist),
+                "case": plain_name(case, "case", datalist),
+            }
     return list(seen.values())
 
 
@@ -116,7 +165,7 @@ class CohortSampler(DistributedSampler):
 class PartialLabelBatch:
     """``prepare_batch`` for ``SupervisedTrainer``: hands the loss the label and the annotated vectors.
 
-    Returns ``(image, {"label": label, "annotated": (B, 13) float})``; the partial-label loss reads both.
+    Returns ``(image, {"label": label, "annotated": (B, organs) float})``; the partial-label loss reads both.
     """
 
     def __init__(self, image_key: str = "image", label_key: str = "label", annotated_key: str = "annotated"):
@@ -132,21 +181,6 @@ class PartialLabelBatch:
                 annotated = torch.stack([torch.as_tensor(a) for a in annotated], dim=-1)
             annotated = torch.as_tensor(annotated).float().to(device=device, non_blocking=non_blocking)
         return image, {"label": label, "annotated": annotated}
-
-
-def latest_checkpoint(
-    ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt$"
-) -> str | None:
-    """Path of the newest full training checkpoint in ``ckpt_dir`` (highest epoch), or None."""
-    best: tuple[int, str] | None = None
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return None
-    for f in folder.iterdir():
-        m = re.search(pattern, f.name)
-        if m and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), str(f))
-    return None if best is None else best[1]
 
 
 def existing(path: str | os.PathLike | None) -> str | None:

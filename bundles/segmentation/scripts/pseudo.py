@@ -5,41 +5,34 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from .data import PATH_KEYS
+from .data import PATH_KEYS, plain_name
+from .files import atomic_write, atomic_write_text, nifti_bytes
 
-__all__ = ["pseudo_label_path", "SaveLabelMapd", "write_pseudo_datalist", "atomic_write_text"]
-
-NUM_ORGANS = 13
+__all__ = ["pseudo_label_path", "SaveLabelMapd", "write_pseudo_datalist"]
 
 
 def pseudo_label_path(
     output_dir: str | os.PathLike, cohort: str, case: str, folder: str = "pseudo_labels"
 ) -> Path:
-    """Where the label map of one case goes: ``<output_dir>/<cohort>/<folder>/<case>.nii.gz``."""
-    return Path(output_dir) / cohort / folder / f"{case}.nii.gz"
+    """Where the label map of one case goes: ``<output_dir>/<cohort>/<folder>/<case>.nii.gz``.
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file so that readers never see a half-written one (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    ``cohort`` and ``case`` come from a datalist: each must be a plain name, so that the path
+    stays inside ``output_dir`` (a ``"case": "../../x"`` is refused).
+    """
+    source = f"output of {cohort}/{case}"
+    return (
+        Path(output_dir)
+        / plain_name(cohort, "cohort", source)
+        / folder
+        / f"{plain_name(case, 'case', source)}.nii.gz"
+    )
 
 
 class SaveLabelMapd(MapTransform):
@@ -77,18 +70,8 @@ class SaveLabelMapd(MapTransform):
             source = getattr(img, "meta", {}).get("filename_or_obj", "case")
             case = d.get("case") or re.sub(r"(\.nii)?(\.gz)?$", "", Path(str(source)).name)
             out = pseudo_label_path(self.output_dir, str(d.get("cohort", "default")), str(case), self.folder)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            image = nib.Nifti1Image(np.rint(arr).astype(np.uint8), affine)
-            image.set_qform(affine, code=1)
-            image.set_sform(affine, code=1)
-            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".nii.gz")
-            os.close(fd)
-            try:
-                nib.save(image, tmp)
-                os.replace(tmp, out)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            data = nifti_bytes(np.rint(arr).astype(np.uint8), affine)
+            atomic_write(out, lambda f, data=data: f.write(data))
             d[self.path_key] = str(out)
         return d
 
@@ -103,11 +86,12 @@ def _relative(path: str, start: Path) -> str:
 def write_pseudo_datalist(
     datalist: str | os.PathLike,
     output_dir: str | os.PathLike,
+    num_organs: int,
     filename: str = "datalist_pseudo.json",
     folder: str = "pseudo_labels",
     lists: Sequence[str] = ("training", "validation"),
 ) -> str:
-    """Copy of ``datalist`` with ``pseudo_label`` on every item of ``lists`` and all 13 organs annotated.
+    """Copy of ``datalist`` with ``pseudo_label`` on every item of ``lists`` and all ``num_organs`` organs annotated.
 
     ``annotated`` now describes ``pseudo_label``; the cohort's own vector is kept as
     ``label_annotated`` (``label`` stays the real, partial map). Every path is rewritten
@@ -133,8 +117,8 @@ def write_pseudo_datalist(
                 if not path.is_file():
                     missing.append(str(path))
                 item["pseudo_label"] = _relative(str(path), out_dir)
-                item["label_annotated"] = item.get("annotated", [0] * NUM_ORGANS)
-                item["annotated"] = [1] * NUM_ORGANS
+                item["label_annotated"] = item.get("annotated", [0] * num_organs)
+                item["annotated"] = [1] * num_organs
             new_items.append(item)
         data[key] = new_items
     if missing:

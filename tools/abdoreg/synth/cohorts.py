@@ -9,7 +9,6 @@ positions, so that preprocessing has real work to do.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
@@ -18,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..files import atomic_path, write_text
 from .dicom import write_dicom_series
 from .phantom import ORGANS, PRESETS, TISSUE_IDS, Preset, acquire, render, sample_subject
 
@@ -120,17 +120,12 @@ ALL_COHORTS = ("l2r", *COHORTS)
 
 
 def _atomic_save_nifti(img: nib.Nifti1Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
 
 
 def _atomic_write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

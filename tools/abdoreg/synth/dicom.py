@@ -5,13 +5,13 @@ pydicom is used because ITK's series writer needs hand-made per-slice geometry t
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ..files import atomic_path
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -23,10 +23,12 @@ def write_dicom_series(
 
     The folder is written under a temporary name and renamed, so a series is complete or absent.
     """
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{os.getpid()}-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        _write_slices(volume, affine_ras, tmp, patient_id, seed)
+
+
+def _write_slices(volume: np.ndarray, affine_ras: np.ndarray, tmp: Path, patient_id: str, seed: int) -> None:
     lps = _RAS_TO_LPS @ affine_ras[:3, :4]
     spacing = np.linalg.norm(lps[:, :3], axis=0)
     row_dir, col_dir, slice_dir = (lps[:, i] / spacing[i] for i in range(3))
@@ -55,7 +57,3 @@ def write_dicom_series(
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
         ds.PixelData = np.ascontiguousarray(volume[:, :, k].T.astype(np.int16)).tobytes()
         ds.save_as(tmp / f"1-{k + 1:03d}.dcm", enforce_file_format=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)

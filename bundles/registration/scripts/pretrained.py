@@ -1,0 +1,156 @@
+"""Where fine-tuning starts: the ``pretrained`` source of ``finetune.json``, resolved to a checkpoint file.
+
+A source is a bundle folder (its ``models/model.pt``), a training run's ``ckpt_dir`` (its ``model.pt``), a
+checkpoint file, a bundle archive as ``monai.bundle download`` reads it (``<name>_v<version>.zip`` holding
+one folder ``<name>/``), or a ``file://`` or ``https://`` URL of such an archive. Nothing is downloaded
+unless the user passes an ``https://`` URL. Archives are extracted once into ``cache_dir`` under a name
+that includes their content hash, so a re-exported archive is never confused with an older one. Before
+training starts the source's weights are checked against the network, so a source of another
+architecture fails with its name and the first differences rather than deep inside ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import torch
+
+__all__ = ["resolve_pretrained", "checkpoint_state", "check_fits"]
+
+logger = logging.getLogger("registration.pretrained")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_path(source: str, cache_dir: Path) -> Path:
+    """The local file or folder a source names; an ``https://`` archive is downloaded into ``cache_dir``."""
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "https":
+        from monai.apps.utils import download_url
+
+        target = cache_dir / (Path(unquote(parsed.path)).name or "pretrained.zip")
+        if not target.is_file():  # the user asked for this download by passing the URL
+            logger.info("downloading the pretrained source %s to %s", source, target)
+            download_url(url=source, filepath=target, progress=False)
+        return target
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
+        raise ValueError(f"pretrained source {source!r}: only file:// and https:// URLs are accepted")
+    return Path(source)
+
+
+def _extract_archive(archive: Path, cache_dir: Path) -> Path:
+    """The bundle folder of an archive (exactly one top-level folder), extracted once per content hash."""
+    with zipfile.ZipFile(archive) as zf:
+        tops = {Path(n).parts[0] for n in zf.namelist() if Path(n).parts}
+    if len(tops) != 1:
+        raise ValueError(
+            f"{archive}: a bundle archive holds exactly one top-level folder <name>/, found {sorted(tops)}"
+        )
+    (name,) = tops
+    target = cache_dir / f"{archive.stem}-{_sha256(archive)[:12]}"
+    if not (target / name).is_dir():
+        from monai.apps.utils import extractall
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
+        try:
+            extractall(archive, output_dir=tmp, has_base=False)
+            os.replace(tmp, target)  # atomic: a second run never sees a half-extracted folder
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target / name
+
+
+def resolve_pretrained(
+    source: str | os.PathLike | None,
+    cache_dir: str | os.PathLike,
+    network: torch.nn.Module | None = None,
+    strict: bool = True,
+) -> str | None:
+    """The checkpoint file to start fine-tuning from (None without a source); with ``network`` and
+    ``strict``, also check that its weights fit that network."""
+    if source is None or str(source).strip() in ("", "None", "null"):
+        return None
+    cache = Path(cache_dir)
+    path = _local_path(str(source), cache)
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained source {source}: no such file or folder")
+    if path.is_dir():
+        candidates = [path / "models" / "model.pt", path / "model.pt"]
+        ckpt = next((c for c in candidates if c.is_file()), None)
+        if ckpt is None:
+            raise FileNotFoundError(
+                f"pretrained source {source}: a bundle folder needs models/model.pt (or a ckpt_dir model.pt)"
+            )
+    elif path.suffix.lower() == ".zip":  # by name: a torch checkpoint is a zip file too
+        bundle = _extract_archive(path, cache)
+        ckpt = bundle / "models" / "model.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"pretrained source {source}: the archive has no {bundle.name}/models/model.pt"
+            )
+    else:
+        ckpt = path
+    if network is not None and str(strict).strip().lower() not in ("false", "0", "no"):
+        check_fits(checkpoint_state(ckpt, source), network, source)
+    logger.info("fine-tuning starts from %s (source %s)", ckpt, source)
+    return str(ckpt)
+
+
+def checkpoint_state(ckpt: str | os.PathLike, source: object = None) -> Mapping[str, torch.Tensor]:
+    """The network weights of a checkpoint: a plain state dict or the ``model`` entry of a training checkpoint."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or objects a weights-only load refuses
+        raise ValueError(
+            f"pretrained source {source or ckpt}: {ckpt} is not a readable checkpoint ({e})"
+        ) from e
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained source {source or ckpt}: {ckpt} holds no state dict of network weights")
+    return state
+
+
+def check_fits(state: Mapping[str, torch.Tensor], network: torch.nn.Module, source: object) -> None:
+    """Raise a ValueError naming ``source`` when its weights do not fit ``network`` (keys or shapes)."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the source, {tuple(own[k].shape)} here"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    details = []
+    if shapes:
+        details.append(f"{len(shapes)} shape(s) differ, e.g. {'; '.join(shapes[:3])}")
+    if missing:
+        details.append(f"{len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
+    raise ValueError(
+        f"pretrained source {source} does not fit this network ({type(network).__name__}): "
+        + "; ".join(details)
+        + ". It was trained with other network settings (a bundle's are in its configs/inference.json):"
+        " pass the same ones (e.g. --channel_multiplier), or --initial_ckpt_strict false to load only what fits"
+    )

@@ -1,0 +1,1 @@
+"""The abdoreg MONAI Label app's own code (MONAI Label puts the app folder on ``sys.path``)."""
