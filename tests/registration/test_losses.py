@@ -116,3 +116,22 @@ def test_lncc_similarity_from_monai():
         similarity=LocalNormalizedCrossCorrelationLoss(kernel_size=5), reg_weight=0.0
     )
     assert loss(torch.zeros(1, 3, *shape), {"moving": img, "fixed": img}) < -0.99
+
+
+def test_dice_levels_warps_labels_at_the_finest_levels_only():
+    """dice_levels 1: a coarse level's field changes the image term but not the Dice term."""
+    mov, fix = (
+        _cube((16, 16, 16), (4, 4, 4), (10, 10, 10), 1),
+        _cube((16, 16, 16), (6, 4, 4), (12, 10, 10), 1),
+    )
+    target = _target(mov, fix, [1])
+    fine, coarse = torch.zeros(1, 3, 16, 16, 16), torch.zeros(1, 3, 16, 16, 16)
+    coarse[:, 0] = -2.0  # the coarse level aligns the cube; the finest stays at the identity
+    pred = {"ddfs": [fine, coarse], "ddf": fine}
+    all_levels = losses.RegistrationLoss(num_organs=1, reg_weight=0.0)
+    finest = losses.RegistrationLoss(num_organs=1, reg_weight=0.0, dice_levels=1)
+    all_levels(pred, target), finest(pred, target)
+    identity = losses.RegistrationLoss(num_organs=1, reg_weight=0.0)
+    identity({"ddfs": [fine], "ddf": fine}, target)
+    assert all_levels.last["dice_loss"] < finest.last["dice_loss"] - 0.1
+    torch.testing.assert_close(finest.last["dice_loss"], identity.last["dice_loss"])

@@ -171,3 +171,31 @@ def test_half_resolution_field_geometry():
     i = torch.arange(2, 30, dtype=torch.float32)
     torch.testing.assert_close(fine[0, 0, 2:30, 5, 5], 0.25 * (i - 0.5))  # 2 * 0.25 * (i - 0.5) / 2
     assert fine[:, 1:].abs().max() == 0
+
+
+def test_step_range_scales_the_integrated_step_and_keeps_identity():
+    """step_range r: a sigmoid change d moves voxel k by r * 2d * (k + 1), and 0.5 stays the identity."""
+    g = torch.full((1, 3, 6, 5, 7), 0.5)
+    for r in (1.0, 0.25):
+        assert networks.gradient_to_ddf(g, r).abs().max() < 1e-6
+    g[:, 2] = 0.6  # a uniform expansion along the last axis
+    paper, narrow = networks.gradient_to_ddf(g), networks.gradient_to_ddf(g, 0.25)
+    k = torch.arange(7, dtype=torch.float32)
+    torch.testing.assert_close(paper[0, 2, 0, 0], 0.2 * (k + 1))
+    torch.testing.assert_close(narrow[0, 2, 0, 0], 0.05 * (k + 1))
+    # the most extreme sigmoid still gives a strictly increasing mapping (no folding along an axis)
+    g[:, 2] = 0.0
+    pos = networks.gradient_to_ddf(g, 0.25)[0, 2, 0, 0] + k
+    assert (pos.diff() > 0.7).all()
+    with pytest.raises(ValueError, match="step_range"):
+        networks.GradientRegNet(in_channels=1, channel_multiplier=1, step_range=1.5)
+
+
+def test_supervised_levels_limits_deep_supervision_but_not_the_weights():
+    full = networks.GradientRegNet(in_channels=1, channel_multiplier=1).train()
+    two = networks.GradientRegNet(in_channels=1, channel_multiplier=1, supervised_levels=2).train()
+    assert set(full.state_dict()) == set(two.state_dict())  # checkpoints load either way
+    x = torch.rand(1, 2, 32, 32, 32)
+    assert len(full(x)["ddfs"]) == 4 and len(two(x)["ddfs"]) == 2
+    two.load_state_dict(full.state_dict())
+    torch.testing.assert_close(two.eval()(x), full.eval()(x))

@@ -124,6 +124,14 @@ def test_validation_dice_matches_learn2reg_definition():
     assert metric.compute() == 1.0
 
 
+def test_warmup_cosine_schedule():
+    f = training.warmup_cosine(total_iters=110, warmup_iters=10, final_fraction=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    constant = training.warmup_cosine(total_iters=100)  # the paper: no warm-up, no decay
+    assert {constant(i) for i in (0, 50, 100)} == {1.0}
+
+
 def test_tiny_overfit_lowers_loss():
     """A few Adam steps on one synthetic pair (a cube shifted by two voxels) lower the loss and raise Dice."""
     torch.manual_seed(0)
@@ -167,16 +175,34 @@ def test_tiny_overfit_lowers_loss():
 # bundle runs
 # ---------------------------------------------------------------------------------------------
 def test_train_runs_end_to_end_and_resumes(tiny_preprocessed, tmp_path):
+    """Train, resume, fine-tune; with the timing handler and weight averaging switched on by config."""
     out = tmp_path / "run"
-    first = _run(tiny_preprocessed, out, max_epochs=1)
+    timing = out / "timing.json"
+    first = _run(
+        tiny_preprocessed, out, max_epochs=1, timing_file=str(timing), ema_momentum=0.5, val_at_start="False"
+    )
     models = out / "models"
     assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
-    assert {"model", "optimizer", "trainer", "best"} <= set(state) and state["trainer"]["iteration"] == 2
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "best", "ema_model"} <= set(state)
+    assert state["trainer"]["iteration"] == 2
+    # model.pt holds the averaged weights (what validation scored), not the last step's
+    best = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    key = "heads.3.conv.weight"
+    torch.testing.assert_close(best[key], state["ema_model"][key])
+    assert not torch.equal(best[key], state["model"][key])
+    # the timing handler's split: every part measured, their sum within the run's wall time, one curve
+    # point per validation (epoch 1, after 2 iterations)
+    split = json.loads(timing.read_text())
+    assert split["iterations"] == 2 and split["finished"]
+    assert all(split["total_s"][k] > 0 for k in ("forward", "loss", "backward_optimizer", "validation"))
+    assert sum(split["total_s"].values()) <= split["wall_s"] + 0.05
+    assert [p["iteration"] for p in split["curve"]] == [2]
+    assert all(0 < p["metric"] < 1 and p["val_s"] > 0 for p in split["curve"])
     assert re.search(r"val_mean_dice: 0\.\d+", first.stdout + first.stderr)
     assert list((out / "logs").glob("events.out.tfevents*"))
     # the interrupted run is continued: epoch 2 only, from the saved state
-    second = _run(tiny_preprocessed, out, max_epochs=2, val_at_start="False")
+    second = _run(tiny_preprocessed, out, max_epochs=2, val_at_start="False", ema_momentum=0.5)
     log = second.stdout + second.stderr
     assert "resuming from iteration 2, epoch 1" in log, log[-3000:]
     assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log

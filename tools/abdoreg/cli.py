@@ -10,6 +10,7 @@ from pathlib import Path
 
 import fire
 
+from . import bench_train
 from .bench_infer import bench_infer
 from .export import ExportError, export
 from .pipeline import PIPELINES, Interrupted, Runner, StageFailed, read_spec
@@ -123,12 +124,21 @@ def demo(work: str = "runs/demo", jobs: int | None = None) -> None:
     print(f"report: {Path(work) / 'report' / 'report.md'} and report.png")
 
 
+class BenchTrain:
+    """Training benchmark (``abdoreg bench_train run --datalist ...``): step split and time to quality."""
+
+    run = staticmethod(bench_train.bench)
+    sweep = staticmethod(bench_train.sweep)
+    tuning_split = staticmethod(bench_train.tuning_split)
+
+
 COMMANDS = {
     "synth": synth,
     "pipeline": Pipeline(),
     "demo": demo,
     "export": export,
     "bench_infer": bench_infer,
+    "bench_train": BenchTrain,
 }
 
 

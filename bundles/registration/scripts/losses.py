@@ -72,6 +72,9 @@ class RegistrationLoss(nn.Module):
         use_dice: include the Dice term when labels are in the batch.
         num_organs: organs 1..num_organs of the label maps.
         fallback_regulariser: loss on the displacement field, for networks that give no gradient field.
+        dice_levels: the Dice term uses the finest ``dice_levels`` deep-supervision levels only (``None``:
+            all, the paper). Warping 13 one-hot channels is the loss's main cost, and the coarse
+            fields' Dice mostly repeats the finest one's signal.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class RegistrationLoss(nn.Module):
         use_dice: bool = True,
         num_organs: int = NUM_ORGANS,
         fallback_regulariser: nn.Module | None = None,
+        dice_levels: int | None = None,
     ) -> None:
         super().__init__()
         self.similarity = similarity if similarity is not None else nn.MSELoss()
@@ -92,6 +96,9 @@ class RegistrationLoss(nn.Module):
             float(reg_weight),
         )
         self.use_dice = use_dice
+        if dice_levels is not None and int(dice_levels) < 1:
+            raise ValueError(f"dice_levels must be at least 1 (or None for all), got {dice_levels}")
+        self.dice_levels = None if dice_levels is None else int(dice_levels)
         self.num_organs = num_organs
         self.fallback = fallback_regulariser if fallback_regulariser is not None else BendingEnergyLoss()
         self.warp_image = Warp(mode="bilinear", padding_mode="border")
@@ -135,7 +142,10 @@ class RegistrationLoss(nn.Module):
             if with_dice:
                 lsrc, ldst = (oh_fixed, oh_moving) if reverse else (oh_moving, oh_fixed)
                 dice = torch.stack(
-                    [masked_dice_loss(self.warp_label(lsrc, u), ldst, mask, self.dice) for u in ddfs]
+                    [
+                        masked_dice_loss(self.warp_label(lsrc, u), ldst, mask, self.dice)
+                        for u in ddfs[: self.dice_levels]
+                    ]
                 ).mean()
                 total = total + self.dice_weight * dice
                 dices.append(dice.detach())

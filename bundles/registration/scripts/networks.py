@@ -27,7 +27,7 @@ __all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT"]
 IDENTITY_GRADIENT = 0.5
 
 
-def gradient_to_ddf(gradient: torch.Tensor) -> torch.Tensor:
+def gradient_to_ddf(gradient: torch.Tensor, step_range: float = 1.0) -> torch.Tensor:
     """Integrate a gradient field (B, 3, *spatial) in (0, 1) to a voxel displacement field.
 
     Channel ``i`` is the step of the sampling position along spatial axis ``i`` between consecutive
@@ -35,13 +35,19 @@ def gradient_to_ddf(gradient: torch.Tensor) -> torch.Tensor:
     ``k`` along axis ``i`` is ``p_i(k) = sum_{j<=k} 2 g_i(j) - 1``, so a constant 0.5 gives
     ``p_i(k) = k`` exactly (the identity; the paper's grid rescaled to [-1, 1] is this ``p``
     under ``align_corners=True``), and ``ddf_i(k) = p_i(k) - k``.
+
+    ``step_range`` r < 1 narrows the step to ``1 + r (2 g - 1)``, in (1 - r, 1 + r) voxels, so a
+    small change of the sigmoid moves far voxels less (the cumulative sum adds it up along the axis);
+    1 is the paper's (0, 2). The identity stays at g = 0.5 and every step stays positive.
     """
     spatial = gradient.shape[2:]
     if gradient.shape[1] != len(spatial):
         raise ValueError(f"gradient needs one channel per spatial axis, got shape {tuple(gradient.shape)}")
     out = []
     for axis, size in enumerate(spatial):
-        pos = torch.cumsum(2.0 * gradient[:, axis], dim=axis + 1) - 1.0
+        g = gradient[:, axis]
+        step = 2.0 * g if step_range == 1.0 else 1.0 + step_range * (2.0 * g - 1.0)
+        pos = torch.cumsum(step, dim=axis + 1) - 1.0
         shape = [1] * len(spatial)
         shape[axis] = size
         idx = torch.arange(size, device=gradient.device, dtype=pos.dtype).view(1, *shape)
@@ -117,6 +123,10 @@ class GradientRegNet(nn.Module):
         symmetric: in training mode also return the fixed->moving field (merge order swapped).
         downsample: predict the field on a grid this many times coarser (input average-pooled) and
             upsample it trilinearly: 2 costs about 1/8 of the time and memory of 1 (the paper's).
+        step_range: the integrated step is ``1 + step_range (2 g - 1)`` voxels (1, the paper: (0, 2));
+            see ``gradient_to_ddf``. It changes the field, so inference must use the training value.
+        supervised_levels: with deep supervision, how many decoder levels (finest first) return a field;
+            ``None`` = all (the paper). Unused heads stay in the state dict, so checkpoints load either way.
         norm, act: MONAI layer factory names.
 
     ``forward`` returns the ddf tensor in eval mode. In training mode it returns a dict:
@@ -135,10 +145,14 @@ class GradientRegNet(nn.Module):
         deep_supervision: bool = True,
         symmetric: bool = False,
         downsample: int = 1,
+        step_range: float = 1.0,
+        supervised_levels: int | None = None,
         norm: str | tuple = "INSTANCE",
         act: str | tuple = "RELU",
     ) -> None:
         super().__init__()
+        if not 0.0 < step_range <= 1.0:
+            raise ValueError(f"step_range must be in (0, 1] (steps stay positive), got {step_range}")
         if len(base_channels) != len(blocks_per_level) + 1:
             raise ValueError("base_channels needs one more entry than blocks_per_level (the input block)")
         if int(downsample) < 1:
@@ -148,6 +162,10 @@ class GradientRegNet(nn.Module):
         self.deep_supervision = deep_supervision
         self.symmetric = symmetric
         self.downsample = int(downsample)
+        self.step_range = float(step_range)
+        self.supervised_levels = (
+            len(blocks_per_level) if supervised_levels is None else int(supervised_levels)
+        )
         self.factor = 2 ** len(blocks_per_level)
         # encoder (shared by moving and fixed)
         self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels)
@@ -185,7 +203,7 @@ class GradientRegNet(nn.Module):
         n = len(self.up)
         for k, (up, head) in enumerate(zip(self.up, self.heads, strict=True)):
             x = up(x, merged[n - 1 - k])
-            if k == n - 1 or all_levels:
+            if k == n - 1 or (all_levels and k >= n - self.supervised_levels):
                 g = torch.sigmoid(head(x))
                 if g.shape[2:] != merged[0].shape[2:]:
                     g = F.interpolate(g, size=merged[0].shape[2:], mode="trilinear", align_corners=False)
@@ -235,12 +253,17 @@ class GradientRegNet(nn.Module):
         grads = self.decode(merged, coarse, all_levels)
         if not self.training:
             del merged
-            return self._to_input_grid(gradient_to_ddf(grads[0]), size)
-        out = {"gradients": grads, "ddfs": [self._to_input_grid(gradient_to_ddf(g), size) for g in grads]}
+            return self._to_input_grid(gradient_to_ddf(grads[0], self.step_range), size)
+        out = {
+            "gradients": grads,
+            "ddfs": [self._to_input_grid(gradient_to_ddf(g, self.step_range), size) for g in grads],
+        }
         out["ddf"] = out["ddfs"][0]
         if self.symmetric:
             grads_sym = self.decode([-d for d in merged], coarse, all_levels)  # fixed - moving
             out["gradients_sym"] = grads_sym
-            out["ddfs_sym"] = [self._to_input_grid(gradient_to_ddf(g), size) for g in grads_sym]
+            out["ddfs_sym"] = [
+                self._to_input_grid(gradient_to_ddf(g, self.step_range), size) for g in grads_sym
+            ]
             out["ddf_sym"] = out["ddfs_sym"][0]
         return out

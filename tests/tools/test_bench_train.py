@@ -1,0 +1,72 @@
+"""The training benchmark's helpers (tuning split, time to quality) and the shipped `bench` pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from abdoreg import bench_train
+from abdoreg.pipeline import dependencies, load_pipeline
+
+PIPELINES = Path(__file__).resolve().parents[2] / "tools" / "abdoreg" / "pipelines"
+REG_CONFIGS = Path(__file__).resolve().parents[2] / "bundles" / "registration" / "configs"
+
+
+def test_tuning_split_holds_out_training_subjects_and_keeps_validation(tmp_path):
+    cases = [{"image": f"i{k}.nii.gz", "label": f"l{k}.nii.gz", "case": f"c{k}"} for k in range(8)]
+    val = [{"fixed": "v1.nii.gz", "moving": "v2.nii.gz"}]
+    src = tmp_path / "datalist.json"
+    src.write_text(json.dumps({"training": cases, "registration_val": val}))
+    out = json.loads(Path(bench_train.tuning_split(str(src), n_train=4, n_tune=3)).read_text())
+    train = {c["image"] for c in out["training"]}
+    tune = {c["image"] for c in out["tuning"]}
+    assert len(train) == 4 and len(tune) == 3 and not train & tune
+    pairs = out["registration_tune"]
+    assert len(pairs) == 3 and all({p["fixed"], p["moving"]} <= tune for p in pairs)
+    assert all(p["fixed_label"].startswith("l") for p in pairs)
+    assert out["registration_val"] == val  # the pairs the reports show are untouched
+
+
+def test_time_to_quality_is_the_first_validation_past_identity_plus_margin():
+    curve = [
+        {"iteration": 0, "wall_s": 5.0, "metric": 0.25},
+        {"iteration": 100, "wall_s": 60.0, "metric": 0.29},
+        {"iteration": 200, "wall_s": 120.0, "metric": 0.31},
+        {"iteration": 300, "wall_s": 180.0, "metric": 0.33},
+    ]
+    ttq = bench_train.time_to_quality(curve, margin=0.05)
+    assert ttq == {"identity": 0.25, "best": 0.33, "iteration": 200, "wall_s": 120.0}
+    assert bench_train.time_to_quality(curve, margin=0.1)["wall_s"] is None
+
+
+def test_bench_pipeline_trains_and_scores_every_ablation_model_with_one_recipe(tmp_path):
+    _, stages = load_pipeline(PIPELINES / "bench.yaml", tmp_path)
+    by_name = {s.name: s for s in stages}
+    reg = [s for s in stages if s.bundle == "registration"]
+    for s in reg:
+        assert all((REG_CONFIGS / c).is_file() for c in s.configs), s.configs
+        # step_range changes the field: whatever trains with the recipe is scored with it (SyN aside)
+        if s.name != "evaluate_ants_syn":
+            assert s.configs[-1] == "fast_train.json", s.name
+    trained = {s.outputs[0] for s in reg if s.configs[0] == "train.json"}
+    scored = [s for s in reg if s.name.startswith("evaluate_") and "ckpt_path" in s.overrides]
+    assert {s.overrides["ckpt_path"] for s in scored} - {
+        f"{tmp_path}/registration/identity/none.pt"
+    } <= trained
+    deps = dependencies(stages)
+    assert "registration_pretrain_pseudo" in deps["registration_finetune_pseudo"]
+    assert len(by_name["report"].args["methods"]) == 6
+
+
+def test_train_command_lists_configs_and_passes_literals():
+    """The benchmark runs the bundle as a user would; overrides arrive as literals MONAI's CLI parses back."""
+    cmd = bench_train.train_command(
+        ["train.json", "fast_train.json"], {"crop_size": None, "spatial_size": [48, 40, 64]}
+    )
+    assert cmd[1:4] == ["-m", "monai.bundle", "run"]
+    assert cmd[cmd.index("--config_file") + 1] == "['configs/train.json', 'configs/fast_train.json']"
+    assert (
+        cmd[cmd.index("--crop_size") + 1] == "None" and cmd[cmd.index("--spatial_size") + 1] == "[48, 40, 64]"
+    )
+    assert set(bench_train.RECIPES) >= {"today", "fast"}
+    assert all((REG_CONFIGS / c).is_file() for configs, _ in bench_train.RECIPES.values() for c in configs)
