@@ -169,15 +169,21 @@ class InstanceOptimiser:
         def pool(x: torch.Tensor) -> torch.Tensor:
             return F.adaptive_avg_pool3d(x, coarse)
 
+        with_labels = self.uses_labels
         with torch.no_grad():
             mov_c, fix_c = pool(moving), pool(fixed)
             base_c = pool(base) / scale  # coarse-voxel units
-            if self.uses_labels:
+            if with_labels:
                 if moving_seg is None or fixed_seg is None:
                     raise ValueError("dice_weight > 0 needs the predicted labels of both scans")
                 oh_mov = pool(one_hot_organs(torch.as_tensor(moving_seg).to(fixed.device), self.num_organs))
                 oh_fix = pool(one_hot_organs(torch.as_tensor(fixed_seg).to(fixed.device), self.num_organs))
-                mask = organ_mask(oh_mov, oh_fix, torch.ones(1, self.num_organs, device=fixed.device))
+                # only organs present in both label maps count (as the Learn2Reg DSC): warp just those,
+                # as each warped channel costs as much as the whole image term
+                keep = organ_mask(oh_mov, oh_fix, torch.ones(1, self.num_organs, device=fixed.device))[0] > 0
+                oh_mov, oh_fix = oh_mov[:, keep], oh_fix[:, keep]
+                mask = torch.ones(1, oh_fix.shape[1], device=fixed.device)
+                with_labels = bool(keep.any())
         mats = [smoothing_matrix(n, self.smooth_passes, fixed.device) for n in coarse]
         warp = GridWarp(coarse, fixed.device)
         residual = torch.zeros(1, 3, *coarse, device=fixed.device, requires_grad=True)
@@ -188,7 +194,7 @@ class InstanceOptimiser:
                 field = base_c + apply_smoothing(residual, mats)
                 loss = self.sim_weight * self.similarity(warp(mov_c, field), fix_c)
                 loss = loss + self.reg_weight * diffusion(field)
-                if self.uses_labels:
+                if with_labels:
                     warped = warp(oh_mov, field, padding_mode="zeros")
                     loss = loss + self.dice_weight * masked_dice_loss(warped, oh_fix, mask, self.dice)
                 loss.backward()
