@@ -41,8 +41,12 @@ def test_every_stage_runs_through_monai_bundle(tiny_run):
         "baseline",
         "+ symmetric",
         "+ pretraining with noisy labels",
+        "+ instance opt. (image + predicted labels)",
         "ANTs SyN",
     }
+    assert (
+        report["+ instance opt. (image + predicted labels)"]["runtime_s"] > 0
+    )  # fed by the real pseudo datalist
     assert (
         report["identity"]["fold_fraction"] == 0.0
         and abs(report["identity"]["dice"] - report["identity"]["dice_initial"]) < 1e-9

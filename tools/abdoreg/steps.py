@@ -7,43 +7,124 @@ Everything else a pipeline does is a bundle config; the report only reads the me
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from .files import atomic_path, write_text
 from .synth import generate
 
 COLUMNS = [
     ("dice", "DSC", "{:.3f}"),
+    ("dice_ci", "DSC 95% CI", "{}"),
     ("dice30", "DSC30", "{:.3f}"),
     ("hd95_mm", "HD95 (mm)", "{:.1f}"),
     ("hd95_mm_30", "HD95_30 (mm)", "{:.1f}"),
     ("sdlogj", "SDlogJ", "{:.3f}"),
     ("sdlogj_honest", "SDlogJ (det>0)", "{:.3f}"),
     ("fold_fraction", "folding", "{:.2%}"),
-    ("runtime_s", "s / pair", "{:.1f}"),
+    ("runtime_s", "s / pair", "{:.2f}"),
 ]
+BOOTSTRAP = 10_000  # resamples of the pairs for each confidence interval
+ALPHA = 0.05
 
 
 def synth(log: Callable[[str], None], out: str, **kwargs) -> None:
     generate(out, log=log, **kwargs)
 
 
-def report(log: Callable[[str], None], methods: dict[str, str], out_dir: str, title: str = "Ablation") -> str:
-    """Markdown table and PNG bar chart of each method's ``metrics.json`` summary; returns the table."""
+def pair_dice(metrics: dict) -> dict[tuple[str, str], float]:
+    """Per-pair DSC of a ``metrics.json``, keyed by the (fixed, moving) file names (NaN where undefined)."""
+    out = {}
+    for case in metrics.get("cases", []):
+        value = case.get("dice")
+        key = (Path(str(case["fixed"])).name, Path(str(case["moving"])).name)
+        out[key] = float(value) if isinstance(value, (int, float)) else math.nan
+    return out
+
+
+def bootstrap_ci(values: Sequence[float], n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean over pairs (pairs resampled with replacement)."""
+    x = np.asarray([v for v in values if np.isfinite(v)], np.float64)
+    if len(x) < 2:
+        return math.nan, math.nan
+    means = x[np.random.default_rng(seed).integers(0, len(x), (n, len(x)))].mean(axis=1)
+    return float(np.quantile(means, ALPHA / 2)), float(np.quantile(means, 1 - ALPHA / 2))
+
+
+def paired_test(a: dict[tuple[str, str], float], b: dict[tuple[str, str], float]) -> tuple[float, float, int]:
+    """Mean DSC difference a - b over the pairs both scored, and the two-sided Wilcoxon signed-rank p-value."""
+    from scipy.stats import wilcoxon
+
+    keys = [k for k in a if k in b and np.isfinite(a[k]) and np.isfinite(b[k])]
+    diff = np.asarray([a[k] - b[k] for k in keys], np.float64)
+    if len(diff) == 0:
+        return math.nan, math.nan, 0
+    if not np.any(diff != 0):
+        return 0.0, 1.0, len(diff)
+    return float(diff.mean()), float(wilcoxon(diff).pvalue), len(diff)
+
+
+def _cell(value, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def report(
+    log: Callable[[str], None],
+    methods: dict[str, str],
+    out_dir: str,
+    title: str = "Ablation",
+    compare_to: Sequence[str] = ("identity", "ANTs SyN"),
+) -> str:
+    """Markdown table and PNG bar chart of each method's ``metrics.json``; returns the markdown.
+
+    Per method: the summary metrics, a 95% bootstrap interval of the mean DSC over pairs, and for each
+    method named in ``compare_to`` the mean paired DSC difference with its Wilcoxon signed-rank p-value
+    over the pairs both methods scored.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = {}
+    rows, per_pair = {}, {}
     for name, path in methods.items():
-        rows[name] = json.loads(Path(path).read_text())["summary"]
+        data = json.loads(Path(path).read_text())
+        rows[name], per_pair[name] = dict(data["summary"]), pair_dice(data)
+        lo, hi = bootstrap_ci(list(per_pair[name].values()))
+        rows[name]["dice_ci_low"], rows[name]["dice_ci_high"] = lo, hi
+    refs = [r for r in compare_to if r in rows]
     header = "| method | pairs | " + " | ".join(c[1] for c in COLUMNS) + " |"
     lines = [f"## {title}", "", header, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, summary in rows.items():
         cells = []
         for key, _, fmt in COLUMNS:
-            value = summary.get(key)
-            cells.append(fmt.format(value) if isinstance(value, (int, float)) else "-")
+            if key == "dice_ci":
+                lo, hi = summary["dice_ci_low"], summary["dice_ci_high"]
+                cells.append(f"{lo:.3f}-{hi:.3f}" if np.isfinite(lo) else "-")
+            else:
+                cells.append(_cell(summary.get(key), fmt))
         lines.append(f"| {name} | {summary.get('num_pairs', '-')} | " + " | ".join(cells) + " |")
+    if refs:
+        lines += [
+            "",
+            "Paired differences in DSC over the same pairs (two-sided Wilcoxon signed-rank test; "
+            f"**bold**: p < {ALPHA}, uncorrected; the pairs share scans, so they are not independent "
+            "and the p-values are optimistic):",
+            "",
+            "| method | " + " | ".join(f"ΔDSC vs {r} | p" for r in refs) + " |",
+            "|---|" + "---|---|" * len(refs),
+        ]
+        for name in rows:
+            cells = []
+            for ref in refs:
+                if name == ref:
+                    cells += ["-", "-"]
+                    continue
+                delta, p, n = paired_test(per_pair[name], per_pair[ref])
+                rows[name][f"vs {ref}"] = {"delta_dice": delta, "p_wilcoxon": p, "pairs": n}
+                mark = "**" if np.isfinite(p) and p < ALPHA else ""
+                cells += [f"{mark}{delta:+.3f}{mark}", f"{mark}{p:.2g}{mark}"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     write_text(out / "report.md", table)
     write_text(out / "report.json", json.dumps(rows, indent=2))

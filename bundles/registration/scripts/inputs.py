@@ -14,14 +14,29 @@ from pathlib import Path
 
 from scripts.fields import field_name, pair_tag
 
-__all__ = ["InputError", "IMAGE_KEYS", "LABEL_KEYS", "load_pairs", "check_pairs"]
+__all__ = [
+    "InputError",
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "PSEUDO_KEYS",
+    "load_pairs",
+    "check_pairs",
+    "attach_pseudo_labels",
+    "as_flag",
+]
 
 IMAGE_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
+PSEUDO_KEYS = ("fixed_pseudo", "moving_pseudo")  # predicted labels (segmentation bundle), optional
 
 
 class InputError(ValueError):
     """Bad input for a pair; the message names the file and the reason."""
+
+
+def as_flag(value: bool | str | int) -> bool:
+    """A config switch as a bool: MONAI's CLI (fire) passes ``--x false`` as the text "false"."""
+    return str(value).strip().lower() not in ("false", "0", "no", "none", "")
 
 
 def _resolve(path: str | None, root: Path) -> str | None:
@@ -33,7 +48,7 @@ def _resolve(path: str | None, root: Path) -> str | None:
 
 def _with_labels(pair: dict, root: Path) -> dict:
     """Resolve paths; where no label is given, use ``labels`` next to ``images`` (the evaluator's rule)."""
-    out = {k: _resolve(pair.get(k), root) for k in (*IMAGE_KEYS, *LABEL_KEYS)}
+    out = {k: _resolve(pair.get(k), root) for k in (*IMAGE_KEYS, *LABEL_KEYS, *PSEUDO_KEYS)}
     for img, lab in zip(IMAGE_KEYS, LABEL_KEYS, strict=True):
         if out[lab] is None and out[img] and "images" in out[img]:
             guess = out[img].replace("images", "labels")
@@ -123,3 +138,53 @@ def check_pairs(pairs: list[dict], short_names: bool = False) -> list[dict]:
                     "names, so rename the files or register these pairs into different output folders"
                 )
     return pairs
+
+
+def attach_pseudo_labels(
+    pairs: list[dict],
+    pseudo_datalist: str | None = None,
+    fixed_pseudo: str | None = None,
+    moving_pseudo: str | None = None,
+    data_root: str | None = None,
+) -> list[dict]:
+    """Add each scan's predicted label map as ``fixed_pseudo``/``moving_pseudo`` (what instance optimisation's
+    Dice term reads; the metrics keep reading the true labels).
+
+    ``pseudo_datalist``: the segmentation bundle's ``datalist_pseudo.json``; every item with ``image`` and
+    ``pseudo_label`` maps that image (resolved against the list's folder) to its label map, so the
+    registration bundle needs nothing of the segmentation bundle but this file. A scan of a pair missing
+    from it is an error naming both. ``fixed_pseudo``/``moving_pseudo``: one-pair mode. Keys a pair list
+    already carries are kept.
+    """
+    out = [dict(p) for p in pairs]
+    if fixed_pseudo or moving_pseudo:
+        if len(out) != 1 or not (fixed_pseudo and moving_pseudo):
+            raise InputError("--fixed_pseudo/--moving_pseudo go together, with one pair (--fixed/--moving)")
+        root = Path(data_root or os.getcwd())
+        out[0]["fixed_pseudo"], out[0]["moving_pseudo"] = (
+            _resolve(fixed_pseudo, root),
+            _resolve(moving_pseudo, root),
+        )
+    if not pseudo_datalist:
+        return out
+    path = Path(pseudo_datalist)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable pseudo-label datalist ({exc})") from exc
+    lookup = {}
+    for items in data.values():
+        if isinstance(items, list):
+            for it in items:
+                if isinstance(it, dict) and it.get("image") and it.get("pseudo_label"):
+                    image = os.path.realpath(_resolve(it["image"], path.parent))
+                    lookup[image] = _resolve(it["pseudo_label"], path.parent)
+    for pair in out:
+        for img, key in zip(IMAGE_KEYS, PSEUDO_KEYS, strict=True):
+            if pair.get(key):
+                continue
+            found = lookup.get(os.path.realpath(pair[img]))
+            if found is None:
+                raise InputError(f"{path}: no pseudo_label for {img} scan {pair[img]}")
+            pair[key] = found
+    return out

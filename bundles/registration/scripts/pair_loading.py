@@ -28,6 +28,7 @@ from scripts.inputs import IMAGE_KEYS, InputError
 
 __all__ = [
     "SEG",
+    "PSEUDO",
     "LOADED",
     "LoadScand",
     "AlignCentersd",
@@ -39,7 +40,16 @@ __all__ = [
 # Inside the pipeline labels and paths get names that do not start with "fixed_"/"moving_": MONAI's
 # Spacingd treats every "<key>_*" entry as a meta dict of <key>.
 SEG = {"fixed": "seg_fixed", "moving": "seg_moving"}
-LOADED = {"fixed": "fixed", "moving": "moving", "fixed_label": SEG["fixed"], "moving_label": SEG["moving"]}
+# Predicted (pseudo) labels, read only by test-time instance optimisation; metrics read SEG.
+PSEUDO = {"fixed": "pseudo_fixed", "moving": "pseudo_moving"}
+LOADED = {
+    "fixed": "fixed",
+    "moving": "moving",
+    "fixed_label": SEG["fixed"],
+    "moving_label": SEG["moving"],
+    "fixed_pseudo": PSEUDO["fixed"],
+    "moving_pseudo": PSEUDO["moving"],
+}
 
 
 class LoadScand(MapTransform):
@@ -81,7 +91,9 @@ class AlignCentersd(MapTransform):
     (after resampling and padding the fixed grid's centre moves by up to a voxel).
     """
 
-    def __init__(self, keys: Sequence[str] = ("moving", SEG["moving"]), ref_key: str = "fixed") -> None:
+    def __init__(
+        self, keys: Sequence[str] = ("moving", SEG["moving"], PSEUDO["moving"]), ref_key: str = "fixed"
+    ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.ref_key = ref_key
 
@@ -173,23 +185,30 @@ def load_pair_transforms(
     """
     xforms: list = [LoadScand()]
     if preprocessed:
-        return [*xforms, CheckSameGridd(["moving", *SEG.values()], grid_tolerance_mm)]
+        return [*xforms, CheckSameGridd(["moving", *SEG.values(), *PSEUDO.values()], grid_tolerance_mm)]
     if align_centers:
         xforms.append(AlignCentersd())
     if axcodes:
-        xforms.append(Orientationd(["fixed", SEG["fixed"]], axcodes=axcodes, allow_missing_keys=True))
+        xforms.append(
+            Orientationd(["fixed", SEG["fixed"], PSEUDO["fixed"]], axcodes=axcodes, allow_missing_keys=True)
+        )
     xforms += [
         Spacingd(
-            ["fixed", SEG["fixed"]], pixdim=pixdim, mode=["bilinear", "nearest"], allow_missing_keys=True
+            ["fixed", SEG["fixed"], PSEUDO["fixed"]],
+            pixdim=pixdim,
+            mode=["bilinear", "nearest", "nearest"],
+            allow_missing_keys=True,
         ),
         ShiftIntensityd(IMAGE_KEYS, offset=-pad_value),
-        ResizeWithPadOrCropd(["fixed", SEG["fixed"]], spatial_size=spatial_size, allow_missing_keys=True),
+        ResizeWithPadOrCropd(
+            ["fixed", SEG["fixed"], PSEUDO["fixed"]], spatial_size=spatial_size, allow_missing_keys=True
+        ),
     ]
     xforms += [
         ResampleToMatchd(
-            ["moving", SEG["moving"]],
+            ["moving", SEG["moving"], PSEUDO["moving"]],
             key_dst="fixed",
-            mode=["bilinear", "nearest"],
+            mode=["bilinear", "nearest", "nearest"],
             padding_mode="zeros",
             dtype=np.float32,
             allow_missing_keys=True,
