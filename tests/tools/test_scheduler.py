@@ -18,6 +18,22 @@ def _deps(stages, name):
     return dependencies(stages)[name]
 
 
+@pytest.mark.parametrize("pipeline", sorted(p.stem for p in DEMO.parent.glob("*.yaml")))
+def test_every_stage_names_configs_its_bundle_has(pipeline, tmp_path):
+    """A config listed for the wrong bundle (e.g. the registration recipe on the segmentation stage) fails
+    only when that stage is reached, minutes into a run: catch it when the file is read."""
+    _, stages = load_pipeline(DEMO.parent / f"{pipeline}.yaml", tmp_path)
+    bundles = DEMO.parents[3] / "bundles"
+    missing = [
+        f"{s.name}: {s.bundle}/configs/{c}"
+        for s in stages
+        if s.bundle
+        for c in s.configs
+        if not (bundles / s.bundle / "configs" / c).is_file()
+    ]
+    assert not missing, missing
+
+
 def test_demo_dependencies_follow_inputs_and_outputs(tmp_path):
     _, stages = load_pipeline(DEMO, tmp_path)
     assert _deps(stages, "preprocess_l2r") == {"synth"}
