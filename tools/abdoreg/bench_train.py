@@ -266,15 +266,24 @@ def bench(
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    if datalist is None:
-        datalist = prepare_data(root / "data_6mm")
     if paper and paper_datalist is None:
         paper_datalist = prepare_data(
             root / "data_2mm", size="full", n_l2r=4, spacing=(2.0, 2.0, 2.0), shape=(192, 160, 256)
         )
     names = [r for r in (recipes.split(",") if isinstance(recipes, str) else recipes) if r]
-    base = {**DEMO_GRID, "datalist": str(Path(datalist).resolve()), "val_key": val_key, "max_epochs": 10000}
-    runs = {n: (RECIPES[n][0], {**base, "max_train_wall_s": minutes * 60, **RECIPES[n][1]}) for n in names}
+    runs: dict = {}
+    if names:  # the demo-grid data only when a recipe trains on it
+        if datalist is None:
+            datalist = prepare_data(root / "data_6mm")
+        base = {
+            **DEMO_GRID,
+            "datalist": str(Path(datalist).resolve()),
+            "val_key": val_key,
+            "max_epochs": 10000,
+        }
+        runs = {
+            n: (RECIPES[n][0], {**base, "max_train_wall_s": minutes * 60, **RECIPES[n][1]}) for n in names
+        }
     if paper_datalist:
         runs["paper_size_step"] = (
             [],
