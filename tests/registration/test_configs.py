@@ -15,7 +15,7 @@ CONFIGS = bundle_dir("registration") / "configs"
 SHARED = [
     "spatial_size", "pixdim", "pad_value", "num_organs", "labels", "ct_windows", "multi_window",
     "input_windows", "in_channels", "channel_multiplier", "downsample", "base_channels", "blocks_per_level",
-    "deep_supervision", "step_range", "supervised_levels", "network_def",
+    "deep_supervision", "step_range", "supervised_levels", "field", "network_def",
 ]  # fmt: skip
 
 

@@ -135,3 +135,22 @@ def test_dice_levels_warps_labels_at_the_finest_levels_only():
     identity({"ddfs": [fine], "ddf": fine}, target)
     assert all_levels.last["dice_loss"] < finest.last["dice_loss"] - 0.1
     torch.testing.assert_close(finest.last["dice_loss"], identity.last["dice_loss"])
+
+
+def test_dice_downsample_scores_the_shift_on_the_coarse_grid():
+    """dice_downsample 2: the true 2-voxel shift (in input voxels) aligns the pooled labels, and a field
+    one voxel short gets a gradient towards it."""
+    mov, fix = (
+        _cube((16, 16, 16), (4, 4, 4), (10, 10, 10), 1),
+        _cube((16, 16, 16), (6, 4, 4), (12, 10, 10), 1),
+    )
+    target = _target(mov, fix, [1])
+    coarse = losses.RegistrationLoss(num_organs=1, reg_weight=0.0, sim_weight=0.0, dice_downsample=2)
+    shift = torch.zeros(1, 3, 16, 16, 16)
+    shift[:, 0] = -2.0  # warped(x) = moving(x - 2): the cube moves 2 voxels up axis 0, onto the fixed one
+    assert coarse(shift, target) < 1e-3 < coarse(torch.zeros_like(shift), target)
+    short = torch.full((1, 3, 16, 16, 16), 0.0)
+    short[:, 0] = -1.0
+    short.requires_grad_(True)
+    coarse(short, target).backward()
+    assert short.grad[:, 0].sum() > 0  # descending moves axis 0 further negative, towards -2

@@ -199,3 +199,32 @@ def test_supervised_levels_limits_deep_supervision_but_not_the_weights():
     assert len(full(x)["ddfs"]) == 4 and len(two(x)["ddfs"]) == 2
     two.load_state_dict(full.state_dict())
     torch.testing.assert_close(two.eval()(x), full.eval()(x))
+
+
+def test_displacement_heads_predict_the_shift_itself():
+    """field "displacement": identity at start, the same weights as "gradient" (checkpoints of either
+    fit the other's shapes), and a constant head output of s prediction-grid voxels along axis 0 is a
+    shift of s * downsample input voxels that moves a cube by exactly that much."""
+    net = _net(field="displacement", downsample=2, symmetric=True).train()
+    paper = _net(downsample=2, symmetric=True)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in paper.state_dict().items()
+    }
+    x = torch.rand(1, 2, 32, 24, 40)
+    out = net(x)
+    assert "gradients" not in out and "gradients_sym" not in out  # the loss regularises the field itself
+    assert all(d.abs().max() < 1e-6 for d in out["ddfs"] + out["ddfs_sym"])
+    net.eval()
+    with torch.no_grad():
+        net.heads[-1].conv.bias.copy_(torch.tensor([1.5, 0.0, 0.0]))
+        ddf = net(x)
+    torch.testing.assert_close(
+        ddf[:, 0], torch.full_like(ddf[:, 0], 3.0)
+    )  # 1.5 coarse voxels = 3 input voxels
+    assert ddf[:, 1:].abs().max() < 1e-6
+    moving = torch.zeros(1, 1, 32, 24, 40)
+    moving[..., 13:19, 8:14, 10:20] = 1.0
+    warped = Warp(mode="nearest", padding_mode="zeros")(moving, ddf)
+    torch.testing.assert_close(warped, torch.roll(moving, -3, dims=2))  # warped(x) = moving(x + 3)
+    with pytest.raises(ValueError, match="field"):
+        _net(field="velocity")

@@ -26,6 +26,10 @@ __all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT"]
 # sigmoid(0): the gradient value of the identity transform (scaled to one voxel per voxel).
 IDENTITY_GRADIENT = 0.5
 
+# What the heads predict (GradientRegNet ``field``): the paper's sigmoid gradient, integrated by a cumulative
+# sum, or the displacement itself (VoxelMorph's plain field).
+FIELDS = ("gradient", "displacement")
+
 
 def gradient_to_ddf(gradient: torch.Tensor, step_range: float = 1.0) -> torch.Tensor:
     """Integrate a gradient field (B, 3, *spatial) in (0, 1) to a voxel displacement field.
@@ -125,6 +129,14 @@ class GradientRegNet(nn.Module):
             upsample it trilinearly: 2 costs about 1/8 of the time and memory of 1 (the paper's).
         step_range: the integrated step is ``1 + step_range (2 g - 1)`` voxels (1, the paper: (0, 2));
             see ``gradient_to_ddf``. It changes the field, so inference must use the training value.
+        field: what the heads predict: "gradient" (the paper: the sigmoid step of the sampling grid along
+            each axis, integrated by a cumulative sum; no folding along an axis) or "displacement" (the
+            field itself, in voxels of the prediction grid, as VoxelMorph's; zero-initialised heads still
+            start at the identity). With "gradient" a head's change at one voxel moves every later voxel
+            of the axis, which made short CPU trainings learn slowly (registration docs, "Training
+            recipe"); "displacement" changes only its neighbourhood. The regulariser then falls back to
+            ``RegistrationLoss``'s field loss (bending energy). It changes the field: inference must use the
+            training value.
         supervised_levels: with deep supervision, how many decoder levels (finest first) return a field;
             ``None`` = all (the paper). Unused heads stay in the state dict, so checkpoints load either way.
         norm, act: MONAI layer factory names.
@@ -147,6 +159,7 @@ class GradientRegNet(nn.Module):
         downsample: int = 1,
         step_range: float = 1.0,
         supervised_levels: int | None = None,
+        field: str = "gradient",
         norm: str | tuple = "INSTANCE",
         act: str | tuple = "RELU",
     ) -> None:
@@ -157,6 +170,9 @@ class GradientRegNet(nn.Module):
             raise ValueError("base_channels needs one more entry than blocks_per_level (the input block)")
         if int(downsample) < 1:
             raise ValueError(f"downsample must be a positive integer, got {downsample}")
+        if field not in FIELDS:
+            raise ValueError(f"field must be one of {FIELDS}, got {field!r}")
+        self.field = field
         ch = [int(c * channel_multiplier) for c in base_channels]
         self.in_channels = in_channels
         self.deep_supervision = deep_supervision
@@ -204,11 +220,15 @@ class GradientRegNet(nn.Module):
         for k, (up, head) in enumerate(zip(self.up, self.heads, strict=True)):
             x = up(x, merged[n - 1 - k])
             if k == n - 1 or (all_levels and k >= n - self.supervised_levels):
-                g = torch.sigmoid(head(x))
+                g = torch.sigmoid(head(x)) if self.field == "gradient" else head(x)
                 if g.shape[2:] != merged[0].shape[2:]:
                     g = F.interpolate(g, size=merged[0].shape[2:], mode="trilinear", align_corners=False)
                 grads.append(g[(..., *[slice(0, s) for s in size])])
         return grads[::-1]
+
+    def _integrate(self, head_field: torch.Tensor) -> torch.Tensor:
+        """A head's output on the prediction grid -> displacement in voxels of that grid."""
+        return gradient_to_ddf(head_field, self.step_range) if self.field == "gradient" else head_field
 
     def _padding(self, size: Sequence[int]) -> list[int]:
         """Padding at the end of each axis so the prediction grid is a multiple of 2**levels, and at least
@@ -253,17 +273,15 @@ class GradientRegNet(nn.Module):
         grads = self.decode(merged, coarse, all_levels)
         if not self.training:
             del merged
-            return self._to_input_grid(gradient_to_ddf(grads[0], self.step_range), size)
-        out = {
-            "gradients": grads,
-            "ddfs": [self._to_input_grid(gradient_to_ddf(g, self.step_range), size) for g in grads],
-        }
+            return self._to_input_grid(self._integrate(grads[0]), size)
+        out = {"ddfs": [self._to_input_grid(self._integrate(g), size) for g in grads]}
+        if self.field == "gradient":
+            out["gradients"] = grads
         out["ddf"] = out["ddfs"][0]
         if self.symmetric:
             grads_sym = self.decode([-d for d in merged], coarse, all_levels)  # fixed - moving
-            out["gradients_sym"] = grads_sym
-            out["ddfs_sym"] = [
-                self._to_input_grid(gradient_to_ddf(g, self.step_range), size) for g in grads_sym
-            ]
+            if self.field == "gradient":
+                out["gradients_sym"] = grads_sym
+            out["ddfs_sym"] = [self._to_input_grid(self._integrate(g), size) for g in grads_sym]
             out["ddf_sym"] = out["ddfs_sym"][0]
         return out
