@@ -202,14 +202,15 @@ def test_supervised_levels_limits_deep_supervision_but_not_the_weights():
 
 
 def test_displacement_heads_predict_the_shift_itself():
-    """field "displacement": identity at start, the same weights as "gradient" (checkpoints of either
-    fit the other's shapes), and a constant head output of s prediction-grid voxels along axis 0 is a
-    shift of s * downsample input voxels that moves a cube by exactly that much."""
+    """field "displacement": identity at start, the same weights as "gradient" plus a mark that keeps a
+    checkpoint from being read with the other field, and a constant head output of s prediction-grid
+    voxels along axis 0 is a shift of s * downsample input voxels that moves a cube by exactly that much."""
     net = _net(field="displacement", downsample=2, symmetric=True).train()
     paper = _net(downsample=2, symmetric=True)
-    assert {k: v.shape for k, v in net.state_dict().items()} == {
-        k: v.shape for k, v in paper.state_dict().items()
-    }
+    mine = {k: v.shape for k, v in net.state_dict().items()}
+    assert mine.pop(networks.FIELD_MARK) == () and mine == {k: v.shape for k, v in paper.state_dict().items()}
+    with pytest.raises(RuntimeError, match=networks.FIELD_MARK):
+        paper.load_state_dict(net.state_dict())
     x = torch.rand(1, 2, 32, 24, 40)
     out = net(x)
     assert "gradients" not in out and "gradients_sym" not in out  # the loss regularises the field itself

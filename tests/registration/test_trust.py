@@ -392,6 +392,7 @@ def _unet_state() -> dict:
     [
         ("multiplier", "pass --channel_multiplier 2"),
         ("single_window", "pass --multi_window False"),
+        ("displacement_heads", "pass --field displacement"),
         ("segmentation", "another network"),
         ("truncated", "truncated"),
     ],
@@ -404,6 +405,11 @@ def test_checkpoint_of_another_architecture_says_what_to_pass(kind, expected, in
         torch.save(networks.GradientRegNet(in_channels=3, channel_multiplier=2).state_dict(), path)
     elif kind == "single_window":
         torch.save(networks.GradientRegNet(in_channels=1, channel_multiplier=1).state_dict(), path)
+    elif kind == "displacement_heads":  # same shapes: only the saved mark tells the two apart
+        torch.save(
+            networks.GradientRegNet(in_channels=3, channel_multiplier=1, field="displacement").state_dict(),
+            path,
+        )
     elif kind == "segmentation":
         torch.save(_unet_state(), path)
     else:

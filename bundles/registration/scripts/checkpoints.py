@@ -24,6 +24,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from scripts.atomic import atomic_write
 from scripts.inputs import InputError
+from scripts.networks import FIELD_MARK
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -158,7 +159,8 @@ def _gradientregnet_settings(state: Mapping[str, torch.Tensor]) -> dict[str, Any
             n += 1
         blocks.append(n)
         level += 1
-    return {"in_channels": int(first.shape[1]), "widths": widths, "blocks_per_level": blocks}
+    field = "displacement" if FIELD_MARK in state else "gradient"
+    return {"in_channels": int(first.shape[1]), "widths": widths, "blocks_per_level": blocks, "field": field}
 
 
 def _setting_hints(
@@ -174,6 +176,11 @@ def _setting_hints(
         hints.append(
             f"blocks_per_level {found['blocks_per_level']} (config: {wanted['blocks_per_level']}): pass "
             f'--blocks_per_level "{found["blocks_per_level"]}"'
+        )
+    if found["field"] != wanted["field"]:
+        hints.append(
+            f"{found['field']} heads (config: {wanted['field']}): pass --field {found['field']}, or list "
+            "configs/fast_train.json after the configs if it was trained with it"
         )
     fw, ww = found["widths"], wanted["widths"]
     if fw != ww and len(fw) == len(ww):

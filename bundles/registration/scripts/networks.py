@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT"]
+__all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT", "FIELD_MARK"]
 
 # sigmoid(0): the gradient value of the identity transform (scaled to one voxel per voxel).
 IDENTITY_GRADIENT = 0.5
@@ -29,6 +29,7 @@ IDENTITY_GRADIENT = 0.5
 # What the heads predict (GradientRegNet ``field``): the paper's sigmoid gradient, integrated by a cumulative
 # sum, or the displacement itself (VoxelMorph's plain field).
 FIELDS = ("gradient", "displacement")
+FIELD_MARK = "displacement_heads"  # state-dict entry of networks with displacement heads
 
 
 def gradient_to_ddf(gradient: torch.Tensor, step_range: float = 1.0) -> torch.Tensor:
@@ -199,6 +200,10 @@ class GradientRegNet(nn.Module):
         for head in self.heads:  # zero init: every level starts at the identity
             nn.init.zeros_(head.conv.weight)
             nn.init.zeros_(head.conv.bias)
+        if field != "gradient":
+            # saved with the weights (the shapes are the same either way), so a checkpoint is never read
+            # with the other field's integration: loading it strictly fails and names the setting
+            self.register_buffer(FIELD_MARK, torch.ones(()))
 
     def encode_merged(self, pair: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features of (moving; fixed) stacked on the batch axis, merged (moving - fixed) per
