@@ -45,7 +45,7 @@ def test_bench_pipeline_trains_and_scores_every_ablation_model_with_one_recipe(t
     reg = [s for s in stages if s.bundle == "registration"]
     for s in reg:
         assert all((REG_CONFIGS / c).is_file() for c in s.configs), s.configs
-        # step_range changes the field: whatever trains with the recipe is scored with it (SyN aside)
+        # field changes what the heads predict: whatever trains with the recipe is scored with it (SyN aside)
         if s.name != "evaluate_ants_syn":
             assert s.configs[-1] == "fast_train.json", s.name
     trained = {s.outputs[0] for s in reg if s.configs[0] == "train.json"}
