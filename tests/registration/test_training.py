@@ -132,7 +132,10 @@ def test_warmup_cosine_schedule():
     assert {constant(i) for i in (0, 50, 100)} == {1.0}
 
 
-def test_tiny_overfit_lowers_loss():
+@pytest.mark.parametrize(
+    "field, dice_downsample", [("gradient", 1), ("displacement", 2)]
+)  # paper, CPU recipe
+def test_tiny_overfit_lowers_loss(field, dice_downsample):
     """A few Adam steps on one synthetic pair (a cube shifted by two voxels) lower the loss and raise Dice."""
     torch.manual_seed(0)
     shape = (32, 32, 32)
@@ -149,8 +152,10 @@ def test_tiny_overfit_lowers_loss():
         "fixed_label": fix_lab,
         "annotated": torch.ones(1, 1),
     }
-    net = networks.GradientRegNet(in_channels=1, channel_multiplier=1, deep_supervision=True, symmetric=True)
-    loss_fn = losses.RegistrationLoss(num_organs=1)
+    net = networks.GradientRegNet(
+        in_channels=1, channel_multiplier=1, deep_supervision=True, symmetric=True, field=field
+    )
+    loss_fn = losses.RegistrationLoss(num_organs=1, dice_downsample=dice_downsample)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     x = torch.cat([mov, fix], 1)
     values = []
