@@ -237,6 +237,11 @@ def test_source_of_another_architecture_is_a_clear_error(exported, tmp_path):
         tmp_path / "model.pt"
     )
     assert pretrained.resolve_pretrained(str(tmp_path), tmp_path, fit) == str(tmp_path / "model.pt")
+    displacement = networks.GradientRegNet(in_channels=3, channel_multiplier=1, field="displacement")
+    with pytest.raises(
+        ValueError, match="gradient heads where this network has displacement heads: pass --field gradient"
+    ):
+        pretrained.resolve_pretrained(str(tmp_path / "model.pt"), tmp_path, displacement)
     with pytest.raises(FileNotFoundError, match="no_such.zip"):
         pretrained.resolve_pretrained(str(tmp_path / "no_such.zip"), tmp_path)
     with pytest.raises(ValueError, match="only file:// and https://"):

@@ -23,6 +23,8 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
+from scripts.networks import FIELD_MARK
+
 __all__ = ["resolve_pretrained", "checkpoint_state", "check_fits"]
 
 logger = logging.getLogger("registration.pretrained")
@@ -142,6 +144,13 @@ def check_fits(state: Mapping[str, torch.Tensor], network: torch.nn.Module, sour
     if not (missing or unexpected or shapes):
         return
     details = []
+    if FIELD_MARK in missing or FIELD_MARK in unexpected:  # same shapes, other heads: say which
+        trained, here = (
+            ("displacement", "gradient") if FIELD_MARK in unexpected else ("gradient", "displacement")
+        )
+        details.append(f"it has {trained} heads where this network has {here} heads: pass --field {trained}")
+        missing = [k for k in missing if k != FIELD_MARK]
+        unexpected = [k for k in unexpected if k != FIELD_MARK]
     if shapes:
         details.append(f"{len(shapes)} shape(s) differ, e.g. {'; '.join(shapes[:3])}")
     if missing:
