@@ -32,6 +32,7 @@ __all__ = [
     "run_unless_finished",
     "check_weights",
     "checkpoint_handlers",
+    "setting_hints",
 ]
 
 logger = logging.getLogger("registration.checkpoints")
@@ -179,8 +180,8 @@ def _setting_hints(
         )
     if found["field"] != wanted["field"]:
         hints.append(
-            f"{found['field']} heads (config: {wanted['field']}): pass --field {found['field']}, or list "
-            "configs/fast_train.json after the configs if it was trained with it"
+            f"{found['field']} heads where this network has {wanted['field']} heads: pass --field "
+            f"{found['field']}, or list configs/fast_train.json after the configs if it was trained with it"
         )
     fw, ww = found["widths"], wanted["widths"]
     if fw != ww and len(fw) == len(ww):
@@ -201,6 +202,17 @@ def _setting_hints(
             f"{len(fw) - 1} levels where this config builds {len(ww) - 1}: set --base_channels and --blocks_per_level"
         )
     return hints
+
+
+def setting_hints(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    channel_multiplier: float | None = None,
+) -> list[str]:
+    """What to pass so that a network with the ``expected`` state dict reads ``state`` (both
+    ``GradientRegNet``s, settings read from their shapes); empty when that cannot be told."""
+    found, wanted = _gradientregnet_settings(state), _gradientregnet_settings(expected)
+    return _setting_hints(found, wanted, channel_multiplier) if found and wanted else []
 
 
 def check_weights(
@@ -236,8 +248,7 @@ def check_weights(
     if not (missing or unexpected or wrong):
         return
     head = f"{path}: these weights do not fit the configured network ({type(net).__name__})"
-    found, wanted = _gradientregnet_settings(state), _gradientregnet_settings(expected)
-    if found and wanted and (hints := _setting_hints(found, wanted, channel_multiplier)):
+    if hints := setting_hints(state, expected, channel_multiplier):
         raise InputError(f"{head}: the checkpoint was trained with " + "; ".join(hints))
     if not set(state) & set(expected):
         raise InputError(

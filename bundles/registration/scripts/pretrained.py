@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
-from scripts.networks import FIELD_MARK
+from scripts.checkpoints import setting_hints
 
 __all__ = ["resolve_pretrained", "checkpoint_state", "check_fits"]
 
@@ -143,20 +143,15 @@ def check_fits(state: Mapping[str, torch.Tensor], network: torch.nn.Module, sour
     ]
     if not (missing or unexpected or shapes):
         return
-    details = []
-    if FIELD_MARK in missing or FIELD_MARK in unexpected:  # same shapes, other heads: say which
-        trained, here = (
-            ("displacement", "gradient") if FIELD_MARK in unexpected else ("gradient", "displacement")
-        )
-        details.append(f"it has {trained} heads where this network has {here} heads: pass --field {trained}")
-        missing = [k for k in missing if k != FIELD_MARK]
-        unexpected = [k for k in unexpected if k != FIELD_MARK]
-    if shapes:
-        details.append(f"{len(shapes)} shape(s) differ, e.g. {'; '.join(shapes[:3])}")
-    if missing:
-        details.append(f"{len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        details.append(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
+    # the settings that differ, where the shapes tell them (inference's check says the same); else the weights
+    details = [f"it was trained with {hint}" for hint in setting_hints(state, own)]
+    if not details:
+        if shapes:
+            details.append(f"{len(shapes)} shape(s) differ, e.g. {'; '.join(shapes[:3])}")
+        if missing:
+            details.append(f"{len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
     raise ValueError(
         f"pretrained source {source} does not fit this network ({type(network).__name__}): "
         + "; ".join(details)
