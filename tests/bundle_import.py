@@ -65,43 +65,16 @@ def run_bundle(
     check: bool = True,
     nproc: int = 1,
 ):
-    """Run ``python -m monai.bundle <entry>`` for a bundle in a subprocess, as a user would.
-
-    ``configs`` are file names under the bundle's ``configs/``; ``overrides`` become
-    ``--key value`` pairs (non-strings as Python literals, which MONAI's fire-based CLI parses back).
-    ``nproc > 1`` launches it under ``torchrun --standalone`` with that many processes (DDP tests).
-    Returns the ``subprocess.CompletedProcess`` (stdout and stderr captured as text).
-    """
-    import json
-    import os
+    """Run ``python -m monai.bundle <entry>`` for a bundle in a subprocess, as a user would (the command line
+    of ``abdoreg.bundles.bundle_command``: overrides as literals MONAI's CLI parses back; ``nproc > 1`` under
+    ``torchrun --standalone``). Returns the ``subprocess.CompletedProcess`` (stdout and stderr as text)."""
     import subprocess
 
+    from abdoreg.bundles import bundle_command, bundle_env
+
     root = bundle_dir(bundle)
-    files = [configs] if isinstance(configs, str) else list(configs)
-    paths = [str(root / "configs" / f) for f in files]
-    config_arg = paths[0] if len(paths) == 1 else json.dumps(paths)
-    meta = str(root / "configs" / "metadata.json")
-    if entry == "verify_metadata":
-        cmd = [sys.executable, "-m", "monai.bundle", entry, "--meta_file", meta]
-    else:
-        launcher = [sys.executable, "-m", "monai.bundle"]
-        if nproc > 1:
-            launcher = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={nproc}",
-                "-m",
-                "monai.bundle",
-            ]
-        cmd = [*launcher, entry, "--config_file", config_arg, "--bundle_root", str(root)]
-        cmd += ["--meta_file", meta]
-    if entry == "run" and (root / "configs" / "logging.conf").exists():
-        cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
-    for key, value in (overrides or {}).items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    full_env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = bundle_command(root, configs, overrides, entry=entry, nproc=nproc)
+    full_env = bundle_env(root)
     full_env.update(env or {})
     proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

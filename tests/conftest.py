@@ -20,7 +20,7 @@ COHORT_DIRS = {
     "kits": "kits19",
     "tcia_pancreas": ".",
 }
-TINY = {"spacing": [6.0, 6.0, 6.0], "shape": [48, 40, 64]}
+TINY = {"pixdim": [6.0, 6.0, 6.0], "spatial_size": [48, 40, 64]}
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 3D conv backward is faster on one thread here
 

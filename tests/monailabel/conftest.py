@@ -45,11 +45,16 @@ SEG_TINY = {
     "patch_size": [48, 40, 64],
     "sw_batch_size": 1,
 }
+# without a checkpoint inference.json builds GradientRegNet from these (network_def's arguments); the weights
+# saved from it record them, as trained weights do
 REG_TINY = {
-    "channel_multiplier": 1,
-    "multi_window": False,
-    "pixdim": [6.0, 6.0, 6.0],
-    "spatial_size": [48, 40, 64],
+    "network_def": {
+        "in_channels": 1,
+        "channel_multiplier": 1,
+        "input_windows": [[400, 40]],
+        "input_pixdim": [6.0, 6.0, 6.0],
+        "input_spatial_size": [48, 40, 64],
+    },
 }
 
 

@@ -46,14 +46,14 @@ def test_every_cohort_lands_on_the_reference_grid(tiny_preprocessed):
     dl = _datalist(tiny_preprocessed)
     assert set(dl["cohorts"]) == set(COHORT_DIRS)
     ref = nib.load(root / dl["registration_val"][0]["fixed"])
-    assert ref.shape == tuple(TINY["shape"])
-    assert np.allclose(nib.affines.voxel_sizes(ref.affine), TINY["spacing"])
+    assert ref.shape == tuple(TINY["spatial_size"])
+    assert np.allclose(nib.affines.voxel_sizes(ref.affine), TINY["pixdim"])
     for cohort in COHORT_DIRS:
         items = _items(dl, cohort)
         assert len(items) >= 3, cohort
         for it in items:
             img = nib.load(root / it["image"])
-            assert img.shape == tuple(TINY["shape"]), it["image"]
+            assert img.shape == tuple(TINY["spatial_size"]), it["image"]
             assert np.allclose(img.affine, ref.affine, atol=1e-4), (
                 f"{it['image']} is not on the reference grid"
             )
@@ -260,7 +260,7 @@ def test_truncated_gzip_is_really_truncated(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad runs never lose or corrupt data (issue #12, cases 5, 6, 7, 16, 19, 21)
+# Bad runs never lose or corrupt data
 # ---------------------------------------------------------------------------------------------
 def _args(input_dir: Path, out: Path, cohort: str, **overrides) -> dict:
     """Keyword arguments of ``run_cohort`` as the bundle config builds them (tiny grid)."""
@@ -366,7 +366,7 @@ def _grid_lies(out: Path) -> list[str]:
         for it in _items(dl, "l2r"):
             img = nib.load(out / it["image"])
             spacing = list(nib.affines.voxel_sizes(img.affine))
-            if list(img.shape) != dl["shape"] or not np.allclose(spacing, dl["spacing"]):
+            if list(img.shape) != dl["spatial_size"] or not np.allclose(spacing, dl["pixdim"]):
                 wrong.append(f"{path.name}: {it['image']} is {img.shape} at {spacing}")
     return wrong
 
@@ -374,7 +374,7 @@ def _grid_lies(out: Path) -> list[str]:
 def test_a_killed_regrid_never_leaves_a_datalist_on_another_grid(tiny_cohorts, tmp_path, monkeypatch):
     raw, out = tiny_cohorts / "AbdomenCTCT", tmp_path / "out"
     PRE.run_cohort(**_args(raw, out, "l2r"))
-    coarse = {"spacing": [8.0, 8.0, 8.0], "shape": [36, 30, 48]}
+    coarse = {"pixdim": [8.0, 8.0, 8.0], "spatial_size": [36, 30, 48]}
     rename, count = os.replace, [0]
 
     def killed_after_three_images(src, dst, *args, **kwargs):
@@ -390,7 +390,7 @@ def test_a_killed_regrid_never_leaves_a_datalist_on_another_grid(tiny_cohorts, t
             PRE.run_cohort(**_args(raw, out, "l2r", **coarse))
     assert not _grid_lies(out), _grid_lies(out)
     PRE.run_cohort(**_args(raw, out, "l2r", **coarse))  # the re-run completes the new grid
-    assert _datalist(out / "datalist.json")["shape"] == coarse["shape"] and not _grid_lies(out)
+    assert _datalist(out / "datalist.json")["spatial_size"] == coarse["spatial_size"] and not _grid_lies(out)
     assert len(_items(_datalist(out / "datalist.json"), "l2r")) == 9
 
 
@@ -400,7 +400,7 @@ def test_a_folder_holds_one_grid(tiny_preprocessed, tiny_cohorts, tmp_path):
     before = _copy_datalists(tiny_preprocessed.parent, out)
     with pytest.raises(PRE.PreprocessingFailed, match="another output_dir") as err:
         PRE.run_cohort(
-            **_args(tiny_cohorts / "AbdomenCTCT", out, "l2r", spacing=[8.0] * 3, shape=[36, 30, 48])
+            **_args(tiny_cohorts / "AbdomenCTCT", out, "l2r", pixdim=[8.0] * 3, spatial_size=[36, 30, 48])
         )
     assert "kits (6x6x6 mm, 48x40x64 voxels)" in str(err.value)
     assert {p.name: p.read_bytes() for p in out.glob("datalist*.json")} == before
@@ -429,7 +429,7 @@ def test_documented_own_cohort_commands_work(tiny_cohorts, tmp_path):
         for sub, native in (("images", "imagesTr"), ("labels", "labelsTr")):
             shutil.copy(src / native / f"liver_{i:03d}.nii.gz", mine / sub / f"scan_{i + 1:03d}.nii.gz")
     (mine / "table.json").write_text(json.dumps(table))
-    grid = f' --spacing "{TINY["spacing"]}" --shape "{TINY["shape"]}"'
+    grid = f' --pixdim "{TINY["pixdim"]}" --spatial_size "{TINY["spatial_size"]}"'
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run(
         ["bash", "-ec", command.strip() + grid], cwd=REPO, env=env, capture_output=True, text=True

@@ -86,7 +86,7 @@ def test_inference_submission_folder(tiny_preprocessed, standin, tmp_path):
         {"pairs_file": str(tiny_preprocessed), "pairs_key": "registration_val", "output_dir": str(out)},
     )
     datalist = json.loads(Path(tiny_preprocessed).read_text())
-    shape = tuple(datalist["shape"])
+    shape = tuple(datalist["spatial_size"])
     expected = {F.field_name(p["fixed"], p["moving"]) for p in datalist["registration_val"]}
     assert {p.name for p in (out / "submission").iterdir()} == expected
     for name in expected:

@@ -17,7 +17,9 @@ from monai.networks.blocks import Warp
 from tests.bundle_import import import_bundle_module, run_bundle
 
 IO = import_bundle_module("registration", "scripts.instance_opt")
-INPUTS = import_bundle_module("registration", "scripts.inputs")
+PAIR_LISTS = import_bundle_module("registration", "scripts.pair_lists")
+ERRORS = import_bundle_module("registration", "scripts.errors")
+FIELDS = import_bundle_module("registration", "scripts.fields")
 SOURCES = import_bundle_module("registration", "scripts.field_sources")
 TRAINING = import_bundle_module("registration", "scripts.training")
 
@@ -100,7 +102,7 @@ def _run(iteration) -> dict:
     )
     evaluator.run()
     out = evaluator.state.output
-    return {"pred": TRAINING.ddf_of(out["pred"]), "runtime_s": out.get("runtime_s")}
+    return {"pred": FIELDS.ddf_of(out["pred"]), "runtime_s": out.get("runtime_s")}
 
 
 def test_switch_off_gives_exactly_the_network_field():
@@ -133,13 +135,15 @@ def test_pseudo_labels_come_from_the_segmentation_datalist(tmp_path):
     datalist = tmp_path / "seg" / "datalist_pseudo.json"
     datalist.write_text(json.dumps({"training": items[:1], "validation": items[1:], "registration_val": []}))
     pairs = [{"fixed": str(scans["0001"]), "moving": str(scans["0004"]), "fixed_label": "true_labels.nii.gz"}]
-    out = INPUTS.attach_pseudo_labels(pairs, str(datalist))
+    out = PAIR_LISTS.attach_pseudo_labels(pairs, str(datalist))
     assert Path(out[0]["fixed_pseudo"]) == pseudo["0001"] and Path(out[0]["moving_pseudo"]) == pseudo["0004"]
     assert out[0]["fixed_label"] == "true_labels.nii.gz"  # the metrics keep the true labels
 
     stranger = tmp_path / "pre" / "l2r" / "images" / "AbdomenCTCT_0007_0000.nii.gz"
-    with pytest.raises(INPUTS.InputError, match="AbdomenCTCT_0007_0000"):
-        INPUTS.attach_pseudo_labels([{"fixed": str(scans["0001"]), "moving": str(stranger)}], str(datalist))
+    with pytest.raises(ERRORS.InputError, match="AbdomenCTCT_0007_0000"):
+        PAIR_LISTS.attach_pseudo_labels(
+            [{"fixed": str(scans["0001"]), "moving": str(stranger)}], str(datalist)
+        )
 
 
 def test_evaluate_with_instance_optimisation_from_identity(tiny_preprocessed, tmp_path):

@@ -202,14 +202,16 @@ def test_supervised_levels_limits_deep_supervision_but_not_the_weights():
 
 
 def test_displacement_heads_predict_the_shift_itself():
-    """field "displacement": identity at start, the same weights as "gradient" plus a mark that keeps a
-    checkpoint from being read with the other field, and a constant head output of s prediction-grid
-    voxels along axis 0 is a shift of s * downsample input voxels that moves a cube by exactly that much."""
-    net = _net(field="displacement", downsample=2, symmetric=True).train()
+    """head_type "displacement": identity at start, the same weight shapes as "gradient" and recorded settings
+    that keep a checkpoint from being read with the other head type, and a constant head output of s
+    prediction-grid voxels along axis 0 is a shift of s * downsample input voxels that moves a cube by exactly
+    that much."""
+    net = _net(head_type="displacement", downsample=2, symmetric=True).train()
     paper = _net(downsample=2, symmetric=True)
-    mine = {k: v.shape for k, v in net.state_dict().items()}
-    assert mine.pop(networks.FIELD_MARK) == () and mine == {k: v.shape for k, v in paper.state_dict().items()}
-    with pytest.raises(RuntimeError, match=networks.FIELD_MARK):
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in paper.state_dict().items()
+    }
+    with pytest.raises(ValueError, match="head_type: 'displacement' in the weights, 'gradient' here"):
         paper.load_state_dict(net.state_dict())
     x = torch.rand(1, 2, 32, 24, 40)
     out = net(x)
@@ -227,5 +229,5 @@ def test_displacement_heads_predict_the_shift_itself():
     moving[..., 13:19, 8:14, 10:20] = 1.0
     warped = Warp(mode="nearest", padding_mode="zeros")(moving, ddf)
     torch.testing.assert_close(warped, torch.roll(moving, -3, dims=2))  # warped(x) = moving(x + 3)
-    with pytest.raises(ValueError, match="field"):
-        _net(field="velocity")
+    with pytest.raises(ValueError, match="head_type"):
+        _net(head_type="velocity")

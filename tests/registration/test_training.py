@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundle_import import import_bundle_module, run_bundle
+from tests.bundle_import import bundle_dir, import_bundle_module, run_bundle
 
 networks = import_bundle_module("registration", "scripts.networks")
 losses = import_bundle_module("registration", "scripts.losses")
-pairs = import_bundle_module("registration", "scripts.pairs")
+data = import_bundle_module("registration", "scripts.data")
 training = import_bundle_module("registration", "scripts.training")
 transforms = import_bundle_module("registration", "scripts.transforms")
 
@@ -48,36 +48,52 @@ def _run(datalist: Path, out: Path, configs=TRAIN, **overrides):
 # pairs
 # ---------------------------------------------------------------------------------------------
 def test_cases_cohorts_weights_and_label_key(tiny_preprocessed, tmp_path):
-    cases = pairs.load_cases(tiny_preprocessed, "training")
+    cases = data.load_cases(tiny_preprocessed, "training")
     assert all(os.path.isfile(c["image"]) for c in cases)
     image_only = [c for c in cases if "label" not in c]
     assert image_only and all(sum(c["annotated"]) == 0 for c in image_only)
-    l2r = pairs.load_cases(tiny_preprocessed, "training", cohorts=["l2r"])
+    l2r = data.load_cases(tiny_preprocessed, "training", cohorts=["l2r"])
     assert {c["cohort"] for c in l2r} == {"l2r"} and all(sum(c["annotated"]) == 13 for c in l2r)
-    both = pairs.load_cases(tiny_preprocessed, "training+validation", cohorts=["l2r"])
+    both = data.load_cases(tiny_preprocessed, "training+validation", cohorts=["l2r"])
     assert len(both) == len(l2r) + 3
     # cohort weights: l2r gets 3/4 of the draws, a zero weight drops a cohort
-    probs = pairs.case_weights(cases, {"l2r": 3.0, "msd_colon": 0.0})
+    probs = data.case_weights(cases, {"l2r": 3.0, "msd_colon": 0.0})
     cohorts = np.array([c["cohort"] for c in cases])
     n_other = len(set(cohorts)) - 2
     assert np.isclose(float(probs[cohorts == "l2r"].sum()), 3.0 / (3.0 + n_other))
     assert float(probs[cohorts == "msd_colon"].sum()) == 0
     # a pseudo-label key (added by the segmentation bundle): every case gets a label, all organs count
-    data = json.loads(Path(tiny_preprocessed).read_text())
-    for item in data["training"]:
-        item["pseudo_label"] = item.get("label", data["training"][3]["label"])
+    listing = json.loads(Path(tiny_preprocessed).read_text())
+    for item in listing["training"]:
+        item["pseudo_label"] = item.get("label", listing["training"][3]["label"])
     fake = Path(tiny_preprocessed).parent / "datalist_pseudo_test.json"
-    fake.write_text(json.dumps(data))
-    pseudo = pairs.load_cases(fake, "training", label_key="pseudo_label")
+    fake.write_text(json.dumps(listing))
+    pseudo = data.load_cases(fake, "training", label_key="pseudo_label")
     assert all("label" in c and sum(c["annotated"]) == 13 for c in pseudo)
-    assert pairs.load_cases(tiny_preprocessed, "training", label_key=None)[0].get("label") is None
+    assert data.load_cases(tiny_preprocessed, "training", label_key=None)[0].get("label") is None
+
+
+def _train_config(datalist: Path, **overrides):
+    """train.json parsed here, as ``monai.bundle run`` parses it."""
+    from monai.bundle import ConfigParser
+
+    import_bundle_module("registration", "scripts.data")  # this bundle's ``scripts`` for the config
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir("registration") / "configs" / "train.json"))
+    parser["bundle_root"] = str(bundle_dir("registration"))
+    parser["datalist"] = str(datalist)
+    parser["num_workers"] = 0
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
 
 
 def test_pair_dataset_one_crop_for_both(tiny_preprocessed):
-    cases = pairs.load_cases(tiny_preprocessed, "training")
-    ds = pairs.case_dataset(cases, pairs.case_transforms(True), cache_rate=1.0)
-    window = transforms.CTWindowd(["moving", "fixed"], [[400, 40], [1000, 400]])
-    pair_ds = pairs.PairDataset(ds, pairs.pair_crop_transforms([16, 24, 32], window), length=8)
+    """train.json's data path: cached cases, random pairs, one crop for both scans and labels, the windows."""
+    parser = _train_config(
+        tiny_preprocessed, crop_size=[16, 24, 32], ct_windows=[[400, 40], [1000, 400]], pairs_per_epoch=8
+    )
+    pair_ds = parser.get_parsed_content("train#dataset")
     torch.manual_seed(1)
     seen = set()
     for i in range(len(pair_ds)):
@@ -90,24 +106,29 @@ def test_pair_dataset_one_crop_for_both(tiny_preprocessed):
         seen.add((item["moving_case"], item["fixed_case"]))
     assert len(seen) > 1
     # the same box is cut from every key: crop a case against itself and compare
-    twin = pairs.PairDataset(ds, pairs.pair_crop_transforms([16, 24, 32]), pairs=[(3, 3)])
+    twin = data.PairDataset(
+        parser.get_parsed_content("train#case_dataset"),
+        parser.get_parsed_content("train#preprocessing"),
+        pairs=[(3, 3)],
+    )
     item = twin[0]
     assert torch.equal(item["moving"], item["fixed"]) and torch.equal(
         item["moving_label"], item["fixed_label"]
     )
     # validation pairs: full volume, both labels
-    vcases, vpairs = pairs.load_val_pairs(tiny_preprocessed)
-    assert len(vpairs) == 3
-    vds = pairs.PairDataset(
-        pairs.case_dataset(vcases, pairs.case_transforms(True)),
-        pairs.pair_crop_transforms(None, window),
-        pairs=vpairs,
-    )
+    vds = parser.get_parsed_content("validate#dataset")
+    assert len(vds) == 3
     item = vds[0]
-    assert item["fixed"].shape[1:] == tuple(json.loads(Path(tiny_preprocessed).read_text())["shape"])
+    assert item["fixed"].shape[1:] == tuple(json.loads(Path(tiny_preprocessed).read_text())["spatial_size"])
     batch = torch.utils.data.default_collate([item])
     x, target = training.TrainingBatch()(batch)
     assert x.shape[1] == 4 and target["annotated"].shape == (1, 13)
+    # unsupervised training loads no labels; a null crop_size trains on whole volumes
+    whole = _train_config(tiny_preprocessed, crop_size=None, use_dice=False).get_parsed_content(
+        "train#dataset"
+    )
+    item = whole[0]
+    assert "moving_label" not in item and item["moving"].shape[1:] == item["fixed"].shape[1:] == (48, 40, 64)
 
 
 def test_validation_dice_matches_learn2reg_definition():
@@ -133,9 +154,9 @@ def test_warmup_cosine_schedule():
 
 
 @pytest.mark.parametrize(
-    "field, dice_downsample", [("gradient", 1), ("displacement", 2)]
+    "head_type, dice_downsample", [("gradient", 1), ("displacement", 2)]
 )  # paper, CPU recipe
-def test_tiny_overfit_lowers_loss(field, dice_downsample):
+def test_tiny_overfit_lowers_loss(head_type, dice_downsample):
     """A few Adam steps on one synthetic pair (a cube shifted by two voxels) lower the loss and raise Dice."""
     torch.manual_seed(0)
     shape = (32, 32, 32)
@@ -153,7 +174,7 @@ def test_tiny_overfit_lowers_loss(field, dice_downsample):
         "annotated": torch.ones(1, 1),
     }
     net = networks.GradientRegNet(
-        in_channels=1, channel_multiplier=1, deep_supervision=True, symmetric=True, field=field
+        in_channels=1, channel_multiplier=1, deep_supervision=True, symmetric=True, head_type=head_type
     )
     loss_fn = losses.RegistrationLoss(num_organs=1, dice_downsample=dice_downsample)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)

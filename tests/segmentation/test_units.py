@@ -229,7 +229,7 @@ def test_outputs_never_leave_the_output_folder(tmp_path):
 
 def test_an_image_on_another_grid_than_its_datalist_is_named(tmp_path):
     """A preprocessing re-run with another spacing, killed half-way: reading the datalist names the file."""
-    path = _tiny_datalist(tmp_path, spacing=[6.0, 6.0, 6.0], shape=[8, 8, 8])
+    path = _tiny_datalist(tmp_path, pixdim=[6.0, 6.0, 6.0], spatial_size=[8, 8, 8])
     assert len(data.load_datalist(path)) == 2  # consistent: read as before
     moved = tmp_path / "msd_colon" / "images" / "colon_000.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((24, 24, 24), np.int16), np.diag([2.0, 2.0, 2.0, 1.0])), moved)

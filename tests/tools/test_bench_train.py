@@ -40,33 +40,53 @@ def test_time_to_quality_is_the_first_validation_past_identity_plus_margin():
 
 
 def test_bench_pipeline_trains_and_scores_every_ablation_model_with_one_recipe(tmp_path):
+    """Every training lists the CPU recipe last; every evaluation runs inference.json alone (the weights say
+    which network they are), scoring only models the pipeline trained."""
     _, stages = load_pipeline(PIPELINES / "bench.yaml", tmp_path)
     by_name = {s.name: s for s in stages}
     reg = [s for s in stages if s.bundle == "registration"]
+    trained = {s.outputs[0] for s in reg if s.configs[0] == "train.json"}
     for s in reg:
         assert all((REG_CONFIGS / c).is_file() for c in s.configs), s.configs
-        # field changes what the heads predict: whatever trains with the recipe is scored with it (SyN aside)
-        if s.name != "evaluate_ants_syn":
+        if s.configs[0] == "train.json":
             assert s.configs[-1] == "fast_train.json", s.name
-    trained = {s.outputs[0] for s in reg if s.configs[0] == "train.json"}
+        else:
+            assert s.configs[0] == "inference.json" and "fast_train.json" not in s.configs, s.name
     scored = [s for s in reg if s.name.startswith("evaluate_") and "ckpt_path" in s.overrides]
-    assert {s.overrides["ckpt_path"] for s in scored} - {
-        f"{tmp_path}/registration/identity/none.pt"
-    } <= trained
+    assert {s.overrides["ckpt_path"] for s in scored} <= trained
+    assert {
+        "registration_baseline",
+        "registration_symmetric",
+        "registration_pretrain_unsupervised",
+        "registration_finetune_unsupervised",
+        "registration_pretrain_pseudo",
+        "registration_finetune_pseudo",
+    } <= set(by_name)
     deps = dependencies(stages)
     assert "registration_pretrain_pseudo" in deps["registration_finetune_pseudo"]
-    assert len(by_name["report"].args["methods"]) == 6
+    assert list(by_name["report"].args["methods"]) == [
+        "identity",
+        "baseline",
+        "+ symmetric",
+        "+ unsupervised pretraining",
+        "+ pretraining with noisy labels",
+        "ANTs SyN",
+    ]
 
 
-def test_train_command_lists_configs_and_passes_literals():
-    """The benchmark runs the bundle as a user would; overrides arrive as literals MONAI's CLI parses back."""
-    cmd = bench_train.train_command(
-        ["train.json", "fast_train.json"], {"crop_size": None, "spatial_size": [48, 40, 64]}
+def test_bundle_command_lists_configs_and_passes_literals():
+    """Every bundle runs as a user would run it; overrides arrive as literals MONAI's CLI parses back."""
+    from abdoreg.bundles import bundle_command
+
+    cmd = bundle_command(
+        "registration", ["train.json", "fast_train.json"], {"crop_size": None, "pixdim": [6.0] * 3}
     )
     assert cmd[1:4] == ["-m", "monai.bundle", "run"]
-    assert cmd[cmd.index("--config_file") + 1] == "['configs/train.json', 'configs/fast_train.json']"
-    assert (
-        cmd[cmd.index("--crop_size") + 1] == "None" and cmd[cmd.index("--spatial_size") + 1] == "[48, 40, 64]"
-    )
-    assert set(bench_train.RECIPES) >= {"today", "fast"}
+    assert json.loads(cmd[cmd.index("--config_file") + 1]) == [
+        str(REG_CONFIGS / "train.json"),
+        str(REG_CONFIGS / "fast_train.json"),
+    ]
+    assert cmd[cmd.index("--crop_size") + 1] == "None" and cmd[cmd.index("--pixdim") + 1] == "[6.0, 6.0, 6.0]"
+    assert cmd[cmd.index("--bundle_root") + 1] == str(REG_CONFIGS.parent)
+    assert set(bench_train.RECIPES) >= {"crops", "fast"}
     assert all((REG_CONFIGS / c).is_file() for configs, _ in bench_train.RECIPES.values() for c in configs)

@@ -23,9 +23,8 @@ networks = import_bundle_module("registration", "scripts.networks")
 metrics = import_bundle_module("registration", "scripts.metrics")
 pretrained = import_bundle_module("registration", "scripts.pretrained")
 
-NAME, VERSION = "abdominal_ct_registration", "0.2.0"
-# The model settings of the tiny models (6 mm, 48x40x64, multiplier 1), as a user passes them to export.
-TINY_SETTINGS = {"channel_multiplier": 1, "spatial_size": [48, 40, 64], "pixdim": [6.0, 6.0, 6.0]}
+NAME, VERSION = "abdominal_ct_registration", "0.3.0"
+WINDOWS = [[400.0, 40.0], [800.0, 100.0], [1000.0, 400.0]]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # Run a command with nothing of the repository importable: its folders are dropped from sys.path (the
@@ -63,9 +62,16 @@ def _outside(args: list[str], cwd: Path, pythonpath: Path | None = None) -> subp
 
 
 def _tiny_net(multiplier: int = 1, seed: int = 0) -> torch.nn.Module:
-    """A narrow network with random heads, so its field is not the identity and a wrong load shows."""
+    """A narrow network with random heads, so its field is not the identity and a wrong load shows; it records
+    the windows and grid of the tiny data (6 mm, 48x40x64), as train.json's network does."""
     torch.manual_seed(seed)
-    net = networks.GradientRegNet(in_channels=3, channel_multiplier=multiplier)
+    net = networks.GradientRegNet(
+        in_channels=3,
+        channel_multiplier=multiplier,
+        input_windows=WINDOWS,
+        input_pixdim=[6.0, 6.0, 6.0],
+        input_spatial_size=[48, 40, 64],
+    )
     for head in net.heads:
         torch.nn.init.normal_(head.conv.weight, std=0.01)
     return net
@@ -94,7 +100,6 @@ def exported(tmp_path_factory) -> dict:
         out=str(tmp / "dist"),
         version=VERSION,
         changelog="test export",
-        **TINY_SETTINGS,
     )
     return {"archive": Path(archive), "state": net.state_dict(), "summary": evaluation["summary"], "tmp": tmp}
 
@@ -111,9 +116,20 @@ def test_archive_layout_and_metadata(exported):
     assert {f"{NAME}/LICENSE", f"{NAME}/models/model.pt", f"{NAME}/scripts/networks.py"} <= set(names)
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/." in n]
     assert [n for n in names if "/models/" in n] == [f"{NAME}/models/model.pt"]
-    for config in (inference, train):  # the settings the model was trained with
-        assert {k: config[k] for k in TINY_SETTINGS} == TINY_SETTINGS
-    assert inference["window_keys"] != train["window_keys"], "per-workflow keys are left alone"
+    # the settings the weights record: an explicit network in inference.json (monai.bundle.load and MONAI Label
+    # build it from any folder), the same network from train.json (fine-tuning from the archive)
+    settings = _tiny_net().settings
+    assert inference["network_def"] == {"_target_": "scripts.networks.GradientRegNet", **settings}
+    assert (
+        train["channel_multiplier"] == 1 and train["ct_windows"] == WINDOWS and train["multi_window"] is True
+    )
+    assert inference["learn2reg_pixdim"] == [2.0, 2.0, 2.0], "inference's own keys are left alone"
+    with zipfile.ZipFile(archive) as zf:
+        large = zf.read(f"{NAME}/large_files.yml").decode()
+        weights = zf.read(f"{NAME}/models/model.pt")
+    import hashlib
+
+    assert hashlib.sha256(weights).hexdigest() in large, "large_files.yml carries the weights' sha256"
     summary = exported["summary"]
     assert meta["eval_metrics"]["val_mean_dice"] == pytest.approx(summary["dice"])
     assert meta["eval_metrics"]["val_dice30"] == pytest.approx(summary["dice30"])
@@ -203,7 +219,7 @@ def test_finetune_starts_from_an_exported_archive(exported, tiny_preprocessed, t
         cache_rate=0.0,
         progress_bar=False,
         learning_rate=0.01,
-        **TINY_SETTINGS,
+        channel_multiplier=1,
     )
     wf.initialize()
     trainer, net = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("network")
@@ -237,10 +253,8 @@ def test_source_of_another_architecture_is_a_clear_error(exported, tmp_path):
         tmp_path / "model.pt"
     )
     assert pretrained.resolve_pretrained(str(tmp_path), tmp_path, fit) == str(tmp_path / "model.pt")
-    displacement = networks.GradientRegNet(in_channels=3, channel_multiplier=1, field="displacement")
-    with pytest.raises(
-        ValueError, match="gradient heads where this network has displacement heads: pass --field gradient"
-    ):
+    displacement = networks.GradientRegNet(in_channels=3, channel_multiplier=1, head_type="displacement")
+    with pytest.raises(ValueError, match="head_type gradient: pass --head_type gradient"):
         pretrained.resolve_pretrained(str(tmp_path / "model.pt"), tmp_path, displacement)
     with pytest.raises(FileNotFoundError, match="no_such.zip"):
         pretrained.resolve_pretrained(str(tmp_path / "no_such.zip"), tmp_path)
@@ -251,12 +265,12 @@ def test_source_of_another_architecture_is_a_clear_error(exported, tmp_path):
 def test_export_refuses_what_it_cannot_publish_honestly(exported, tmp_path):
     tmp = exported["tmp"]
     model, evaluation = str(tmp / "checkpoint_epoch=3.pt"), str(tmp / "evaluation" / "metrics.json")
-    common = {"model": model, "data": "tiny", "out": str(tmp_path), **TINY_SETTINGS}
+    common = {"model": model, "data": "tiny", "out": str(tmp_path)}
     with pytest.raises(ExportError, match="no measured validation figures"):
         export("registration", **common)
     with pytest.raises(ExportError, match="'_v'"):
         export("registration", metrics=evaluation, name="reg_v2", **common)
-    with pytest.raises(ExportError, match="channel_multiplyer: not model settings"):
+    with pytest.raises(ExportError, match="channel_multiplyer: the registration weights record"):
         export("registration", metrics=evaluation, channel_multiplyer=1, model=model, data="tiny")
     with pytest.raises(ExportError, match="exists"):
         export("registration", metrics=evaluation, version=VERSION, **{**common, "out": str(tmp / "dist")})
@@ -266,11 +280,8 @@ def test_export_refuses_what_it_cannot_publish_honestly(exported, tmp_path):
     fields.write_text(json.dumps({"summary": {"num_pairs": 2, "dice": 0.4}, "method": "fields: /x"}))
     with pytest.raises(ExportError, match="not a network"):
         export("registration", metrics=str(fields), **common)
-    # weights of another width than the settings given: refused, with what to pass
-    with pytest.raises(
-        ExportError,
-        match=r"(?s)checkpoint_epoch=3.pt: its weights do not fit.*--channel_multiplier.*size mismatch",
-    ):
+    # settings the weights record are not taken from the command line (they could only disagree)
+    with pytest.raises(ExportError, match="channel_multiplier: the registration weights record"):
         export("registration", metrics=evaluation, **{**common, "channel_multiplier": 2})
     assert not list(tmp_path.glob("*.zip")) and not list(tmp_path.glob(".*"))
 

@@ -40,12 +40,13 @@ def test_every_stage_runs_through_monai_bundle(tiny_run):
         "identity",
         "baseline",
         "+ symmetric",
+        "+ unsupervised pretraining",
         "+ pretraining with noisy labels",
-        "+ instance opt. (image + predicted labels)",
+        "noisy-label model + instance opt. (image + predicted labels)",
         "ANTs SyN",
     }
     assert (
-        report["+ instance opt. (image + predicted labels)"]["runtime_s"] > 0
+        report["noisy-label model + instance opt. (image + predicted labels)"]["runtime_s"] > 0
     )  # fed by the real pseudo datalist
     assert (
         report["identity"]["fold_fraction"] == 0.0
@@ -131,8 +132,10 @@ def test_export_a_finished_training_stage(tiny_run, tmp_path):
         inference = json.loads(zf.read(f"{name}/configs/inference.json"))
         zf.extract(f"{name}/models/model.pt", tmp_path)
     variables, _ = load_pipeline(TINY, work)
-    assert inference["channel_multiplier"] == int(variables["reg_width"])
-    assert inference["spatial_size"] == json.loads(variables["shape"]) and inference["symmetric"] is True
+    network = inference["network_def"]  # as the weights record it
+    assert network["channel_multiplier"] == int(variables["reg_width"]) and network["symmetric"] is True
+    assert network["input_spatial_size"] == json.loads(variables["spatial_size"])
+    assert network["input_pixdim"] == json.loads(variables["pixdim"])
     evaluation = json.loads((work / "evaluation" / "pretrain_pseudo" / "metrics.json").read_text())
     assert meta["eval_metrics"]["val_mean_dice"] == pytest.approx(evaluation["summary"]["dice"])
     exported = torch.load(tmp_path / name / "models" / "model.pt", weights_only=True)

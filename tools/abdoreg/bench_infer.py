@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import REPO, Stage, bundle_command
+from .bundles import BUNDLES, bundle_command, bundle_env
 from .synth import PRESETS, generate
 
-BUNDLE = REPO / "bundles" / "registration"
+BUNDLE = BUNDLES / "registration"
 PHASES = ("time_load_s", "time_field_s", "time_warp_s", "time_metrics_s", "time_write_s")
 
 
@@ -95,11 +95,8 @@ def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: d
         **extra,
         **row.overrides,
     }
-    stage = Stage(
-        row.name, bundle="registration", configs=["inference.json", *row.configs], overrides=overrides
-    )
-    cmd = bundle_command(stage)
-    env = {**os.environ, "PYTHONPATH": str(BUNDLE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = bundle_command(BUNDLE, ["inference.json", *row.configs], overrides)
+    env = bundle_env(BUNDLE)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log = out / "logs" / f"{row.name}_{row.size}.log"
@@ -148,12 +145,20 @@ def summarise(row: Row, wall: float, cpu: float, peak_gb: float, cases: list[dic
     }
 
 
+def network(**settings) -> dict:
+    """Overrides of inference.json that build an untrained network with ``settings`` (without a checkpoint
+    inference.json builds ``GradientRegNet`` with the arguments of ``network_def``); by default train.json's."""
+    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    wanted = {k: train[k] for k in ("channel_multiplier", "downsample", "head_type")} | settings
+    return {f"network_def#{k}": v for k, v in wanted.items()}
+
+
 def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full") -> list[Row]:
     """The benchmark's rows: every method at the ``main`` size, then the default (and reference) at the
     other sizes."""
     catalogue = {
-        "reference": Row("reference", main, overrides={"channel_multiplier": 8, "downsample": 1}),
-        "default": Row("default", main),
+        "reference": Row("reference", main, overrides=network(channel_multiplier=8, downsample=1)),
+        "default": Row("default", main, overrides=network()),
         "syn": Row("ants_syn", main, configs=["syn_baseline.json"]),
         "convexadam": Row("convexadam", main, configs=["convexadam_baseline.json"]),
     }
@@ -162,7 +167,7 @@ def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full"
         if "instance_opt" not in json.loads((BUNDLE / "configs" / "inference.json").read_text()):
             raise ValueError("--tto: this bundle's inference.json has no instance_opt switch yet")
         at = methods.index("default") + 1 if "default" in methods else 0
-        rows.insert(at, Row("default+tto", main, overrides={"instance_opt": True}))
+        rows.insert(at, Row("default+tto", main, overrides={**network(), "instance_opt": True}))
     for size in sizes:
         if size == main:
             continue
@@ -227,7 +232,7 @@ def bench_infer(
     """Run the inference benchmark; print the table and write ``<out>/bench_infer.json`` and ``.md``.
 
     methods: any of reference (paper size: multiplier 8, full-resolution field), default
-    (inference.json as shipped), syn (ANTs SyN), convexadam. sizes: synthetic grids for the scaling
+    (train.json's network), syn (ANTs SyN), convexadam. sizes: synthetic grids for the scaling
     rows (tiny 48x40x64, demo 72x60x96, small 96x80x128, full 192x160x256). pairs: pairs per row.
     threads: OMP_NUM_THREADS of the bundle processes (default: inherited). tto: add the default with
     test-time instance optimisation. ckpt_path: trained weights of the default network (else its

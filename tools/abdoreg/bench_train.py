@@ -7,8 +7,8 @@ optimiser, other handlers) and per run the validation and checkpoint time, and t
 curve against wall time. **Time to quality** is the wall time from the trainer's start until the
 validation Dice first reaches the identity's Dice (the validation at start) + ``margin``.
 
-Recipes are plain dicts of ``train.json`` overrides (``RECIPES``); ``today`` is the demo's training
-before issue #9, ``fast`` the recipe chosen on a tuning split (``tuning_split``), never on the
+Recipes are plain dicts of ``train.json`` overrides (``RECIPES``); ``crops`` is the demo's training
+before the CPU recipe existed, ``fast`` the recipe chosen on a tuning split (``tuning_split``), never on the
 validation pairs. ``sweep`` runs many recipes at once (a GPU, or a many-core machine) and collects
 their curves. Nothing here imports bundle code: it reads the files the bundle writes.
 """
@@ -19,13 +19,13 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+from .bundles import BUNDLES, bundle_command, bundle_env
+
 BUNDLE = BUNDLES / "registration"
 
 # The demo grid and the width every recipe below shares (6 mm, 48x40x64; multiplier 1).
@@ -34,9 +34,9 @@ DEMO_GRID = {"spatial_size": [48, 40, 64], "pixdim": [6.0, 6.0, 6.0], "channel_m
 # Each recipe: the bundle configs it lists after train.json, and its overrides (the grid above is added).
 # Validation runs every `pairs_per_epoch` pairs (batch 1: iterations).
 RECIPES: dict[str, tuple[list[str], dict]] = {
-    # the demo's registration training before issue #9 (demo.yaml then; the docs' long run): the paper's
+    # the demo's registration training before the CPU recipe (the experiments page's long run): the paper's
     # settings but lr 1e-3, batch 1 and 32x32x48 crops
-    "today": (
+    "crops": (
         [],
         {
             "crop_size": [32, 32, 48],
@@ -67,43 +67,16 @@ def prepare_data(
     if datalist.exists():
         return str(datalist)
     generate(work / "raw", size=size, n_l2r=n_l2r, n_other=0, cohorts=("l2r",), log=lambda _: None)
-    pre = BUNDLES / "preprocessing"
     args = {
-        "bundle_root": str(pre),
         "cohort": "l2r",
         "input_dir": str(work / "raw" / "AbdomenCTCT"),
         "output_dir": str(work / "preprocessed"),
-        "spacing": list(spacing),
-        "shape": list(shape),
+        "pixdim": list(spacing),
+        "spatial_size": list(shape),
     }
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/preprocess.json"]
-    for k, v in args.items():
-        cmd += [f"--{k}", _literal(v)]
-    env = {**os.environ, "PYTHONPATH": str(pre)}
-    subprocess.run(cmd, cwd=pre, env=env, check=True, capture_output=True, text=True)
+    cmd = bundle_command("preprocessing", "preprocess.json", args)
+    subprocess.run(cmd, env=bundle_env("preprocessing"), check=True, capture_output=True, text=True)
     return str(datalist)
-
-
-def _literal(value) -> str:
-    """A ``--key value`` argument as MONAI's fire CLI parses it back (Python literals)."""
-    return value if isinstance(value, str) else repr(value)
-
-
-def train_command(configs: Sequence[str], overrides: Mapping) -> list[str]:
-    """The ``python -m monai.bundle run`` command line of the registration bundle's training."""
-    files = [f"configs/{c}" for c in configs]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        repr(files) if len(files) > 1 else files[0],
-    ]
-    cmd += ["--logging_file", "configs/logging.conf"]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", _literal(v)]
-    return cmd
 
 
 def run_train(
@@ -126,12 +99,11 @@ def run_train(
         "progress_bar": False,
         **overrides,
     }
-    path = os.pathsep.join(p for p in (str(Path(bundle).resolve()), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
+    env = bundle_env(bundle, {**os.environ, "OMP_NUM_THREADS": str(threads)})
     t0 = time.perf_counter()
     with open(work / "train.log", "w") as log:
         proc = subprocess.run(
-            train_command(configs, args),
+            bundle_command(bundle, list(configs), args),
             cwd=bundle,
             env=env,
             stdout=log,
@@ -248,7 +220,7 @@ def _split_row(name: str, res: Mapping, margin: float) -> str:
 def bench(
     datalist: str | None = None,
     out: str = "runs/bench_train",
-    recipes: str = "today,fast",
+    recipes: str = "crops,fast",
     minutes: float = 30.0,
     jobs: int = 2,
     margin: float = 0.05,
@@ -321,7 +293,7 @@ def bench(
 
 if (
     __name__ == "__main__"
-):  # a GPU or a bare machine without the CLI installed: python bench_train.py sweep ...
+):  # a GPU machine without the CLI installed: PYTHONPATH=tools python -m abdoreg.bench_train sweep ...
     import fire
 
     fire.Fire({"sweep": sweep, "bench": bench, "tuning_split": tuning_split})

@@ -13,7 +13,7 @@ import fire
 from . import bench_train
 from .bench_infer import bench_infer
 from .export import ExportError, export
-from .pipeline import PIPELINES, Interrupted, Runner, StageFailed, read_spec
+from .pipeline import Interrupted, Runner, StageFailed, UsageError, find_pipeline, read_spec
 
 
 def synth(
@@ -32,22 +32,6 @@ def synth(
     return str(generate(out, size=size, n_l2r=n_l2r, n_other=n_other, cohorts=tuple(names), seed=seed))
 
 
-class UsageError(ValueError):
-    """A mistake on the command line: printed as one message, without a traceback."""
-
-
-def _pipeline_file(config: str) -> Path:
-    """A pipeline file path, or the name of one shipped in ``abdoreg/pipelines`` (demo, tiny, full)."""
-    path = Path(config)
-    if path.exists():
-        return path
-    shipped = PIPELINES / f"{config}.yaml"
-    if shipped.exists():
-        return shipped
-    names = ", ".join(p.stem for p in sorted(PIPELINES.glob("*.yaml")))
-    raise UsageError(f"no pipeline file {config!r} (shipped pipelines: {names})")
-
-
 _RUN_OPTIONS = ("config", "work", "start", "only", "jobs")
 
 
@@ -56,7 +40,7 @@ def _check_vars(config: str, command: str, options: tuple[str, ...], vars: dict)
 
     ``**vars`` would otherwise swallow ``--help`` and misspelt options (``--wrok``) and run the pipeline.
     """
-    path = _pipeline_file(config)
+    path = find_pipeline(config)
     spec = read_spec(path)
     variables = spec.get("vars", {}) or {}
     if vars.get("help") is True or vars.get("h") is True:

@@ -5,18 +5,17 @@ and LICENSE, ``models/model.pt`` as a plain state dict (what ``monai.bundle.load
 ``weights_only=True``), and ``configs/metadata.json`` stamped with the installed package versions, a
 changelog entry, the training data and the measured validation figures.
 
-A trained model's settings. MONAI's ``run`` saves nothing of the command line, and in this project a
-model's network width, grid and CT windows are command-line overrides (the pipeline file's). The
-exported ``train.json`` and ``inference.json`` must carry them, or ``monai.bundle.load`` builds another
-network (and MONAI's ``copy_model_state`` would silently load the few weights that fit). The *model
-settings* are derived from the configs, not listed here: the keys that ``train.json`` and
-``inference.json`` define alike and that ``inference.json``'s ``network_def``, ``preprocessing`` or
-``inferer`` use, directly or through other keys (width, channels, grid, windows, patch size). Their
-values come from the training run: a pipeline stage (``--stage``, with the pipeline file's configs and
-overrides, refused unless the stage's stamp shows the model was made by exactly those), a config or
-overrides file (``--train_config``), or ``--key value`` on the command line. Before the archive is
-written, a subprocess that sees only the staged bundle builds ``network_def`` from each exported config
-and loads the weights strictly: a model that does not fit the stamped settings is refused.
+A trained model's settings. The registration network records them in its weights (architecture, CT
+windows, the training grid): the exported ``inference.json`` gets them as an explicit ``network_def``, so that
+``monai.bundle.load`` and MONAI Label build that network from any working folder, and ``train.json`` gets the
+same settings, so that fine-tuning from the archive builds it too. The segmentation bundle's settings are
+command-line overrides (the pipeline file's), so its exported configs are stamped with them: the *model
+settings* are the keys that ``train.json`` and ``inference.json`` define alike and that ``inference.json``'s
+``network_def``, ``preprocessing`` or ``inferer`` use (width, patch size, grid); their values come from a
+pipeline stage (``--stage``, refused unless the stage's stamp shows the model was made by exactly its configs
+and overrides), a config or overrides file (``--train_config``), or ``--key value``. Before the archive is
+written, a subprocess that sees only the staged bundle builds ``network_def`` from each exported config and
+loads the weights strictly: a model that does not fit the stamped settings is refused.
 
 This module calls the bundles' configs (in a subprocess) and reads the files they write; it imports no
 bundle code.
@@ -39,15 +38,17 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_path
-from .pipeline import REPO, Runner, Stage
+from .atomic import atomic_write
+from .bundles import BUNDLES
+from .pipeline import Runner, Stage, find_pipeline
 
-BUNDLES = REPO / "bundles"
 # What an archive holds of a bundle folder; everything else (models/, eval/, logs, caches) stays out.
-BUNDLE_PARTS = ("configs", "scripts", "docs", "LICENSE")
+BUNDLE_PARTS = ("configs", "scripts", "docs", "LICENSE", "large_files.yml")
 # Inference parts whose settings a trained model depends on (MONAI bundle properties, also what
 # MONAI Label's BundleInferTask reads).
 MODEL_PARTS = ("network_def", "preprocessing", "inferer")
+# What a registration export may be told about weights saved before they recorded their settings.
+REGISTRATION_SETTINGS = ("downsample", "step_range", "head_type", "input_pixdim", "input_spatial_size")
 # Bundle names: the zoo's lowercase words joined by "_". MONAI splits release asset names at the first
 # "_v" (`_get_all_bundles_info`), and strips a "monai_" prefix for NGC sources, so neither may appear.
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
@@ -121,9 +122,7 @@ def _stage_source(
     bundle: str, pipeline: str, work: str, stage_name: str
 ) -> tuple[Stage, Path, Path | None, list[str]]:
     """A finished training stage of a pipeline: the stage, its model, its evaluation's metrics, notes."""
-    from .cli import _pipeline_file  # the CLI's one lookup of pipeline names
-
-    runner = Runner(_pipeline_file(pipeline), work, echo=lambda _: None)
+    runner = Runner(find_pipeline(pipeline), work, echo=lambda _: None)
     stages = {s.name: s for s in runner.stages}
     if stage_name not in stages:
         raise ExportError(f"pipeline {pipeline}: no stage {stage_name!r} (stages: {', '.join(stages)})")
@@ -249,14 +248,62 @@ def _copy_bundle(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / part)
         elif path.is_dir():
             shutil.copytree(path, dst / part, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.pyc"))
-        elif part != "docs":
+        elif part not in ("docs", "large_files.yml"):
             raise ExportError(f"{src}: bundle has no {part}")
 
 
-def _stamp_config(path: Path, settings: Mapping[str, Any]) -> None:
+def _stamp_config(path: Path, settings: Mapping[str, Any], network_def: Mapping | None = None) -> None:
     config = _read_json(path)
     config.update({k: v for k, v in settings.items() if k in config})
+    if network_def is not None:
+        config["network_def"] = dict(network_def)
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+# Run inside the staged registration bundle: the settings its weights record (defaults for what they do not).
+_SETTINGS = r"""
+import json, sys, warnings
+warnings.simplefilter("ignore")
+from scripts.errors import InputError
+from scripts.weights import network_from_checkpoint
+try:
+    net = network_from_checkpoint("models/model.pt", **json.loads(sys.argv[1]))
+except (InputError, TypeError, ValueError) as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit(3)
+print(json.dumps(net.settings))
+"""
+
+
+def _staged_env(bundle_dir: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(bundle_dir), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    return env
+
+
+def recorded_network(bundle_dir: Path, defaults: Mapping[str, Any], model: object) -> dict:
+    """The registration network's settings as its staged weights record them (``defaults`` fill in what
+    weights saved before the settings were recorded cannot tell)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SETTINGS, json.dumps(dict(defaults))],
+        cwd=bundle_dir,
+        env=_staged_env(bundle_dir),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode == 3:
+        raise ExportError(f"{model}: {json.loads(proc.stdout.strip().splitlines()[-1])['error']}")
+    if proc.returncode != 0:
+        raise ExportError(f"reading the network settings of {model} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def registration_train_settings(network: Mapping[str, Any]) -> dict:
+    """train.json's keys for a network's settings (its CT windows as ``ct_windows``, all of them used)."""
+    out = {k: v for k, v in network.items() if not k.startswith("input_") and k != "in_channels"}
+    if network.get("input_windows"):
+        out.update(ct_windows=network["input_windows"], multi_window=True)
+    return out
 
 
 # Run inside the staged bundle with only it importable: build network_def from each config, load strictly.
@@ -273,7 +320,7 @@ for name in sys.argv[1:]:
     net = parser.get_parsed_content("network_def")
     try:
         net.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # ValueError: weights that record other settings
         print(json.dumps({"config": name, "error": str(e)}))
         sys.exit(3)
 """
@@ -281,10 +328,12 @@ for name in sys.argv[1:]:
 
 def check_network(bundle_dir: Path, configs: Iterable[str], model: object = "models/model.pt") -> None:
     """Build each config's ``network_def`` in a subprocess seeing only ``bundle_dir``; load the weights strictly."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(PYTHONPATH=str(bundle_dir), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(
-        [sys.executable, "-c", _CHECK, *configs], cwd=bundle_dir, env=env, capture_output=True, text=True
+        [sys.executable, "-c", _CHECK, *configs],
+        cwd=bundle_dir,
+        env=_staged_env(bundle_dir),
+        capture_output=True,
+        text=True,
     )
     if proc.returncode == 3:
         failure = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -298,14 +347,32 @@ def check_network(bundle_dir: Path, configs: Iterable[str], model: object = "mod
         raise ExportError(f"building the exported network failed:\n{proc.stderr[-3000:]}")
 
 
+def _stamp_large_files(root: Path, sha: str) -> None:
+    """The archive's ``large_files.yml`` (MONAI zoo convention) carries the exported weights' sha256."""
+    path = root / "large_files.yml"
+    if not path.is_file():
+        return
+    import yaml
+
+    spec = yaml.safe_load(path.read_text()) or {}
+    for item in spec.get("large_files", []):
+        if item.get("path") == "models/model.pt":
+            item.update(hash_val=sha, hash_type="sha256")
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
 def _write_zip(folder: Path, name: str, target: Path) -> None:
     """Zip ``folder`` as ``<name>/...`` into ``target`` atomically, with fixed times (same content, same bytes)."""
-    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            info = zipfile.ZipInfo(f"{name}/{path.relative_to(folder).as_posix()}", FIXED_ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, path.read_bytes())
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                info = zipfile.ZipInfo(f"{name}/{path.relative_to(folder).as_posix()}", FIXED_ZIP_TIME)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, path.read_bytes())
+
+    atomic_write(target, write)
 
 
 def _readme_section(
@@ -370,9 +437,15 @@ def export(
         )
     train_raw = _read_json(src / "configs" / "train.json")
     infer_raw = _read_json(src / "configs" / "inference.json")
-    keys = model_settings(train_raw, infer_raw)
+    records_settings = bundle == "registration"  # its weights record the network's settings
+    keys = list(REGISTRATION_SETTINGS) if records_settings else model_settings(train_raw, infer_raw)
     unknown = [k for k in settings if re.split(r"#|::", k)[0] not in keys]
     if unknown:
+        if records_settings:
+            raise ExportError(
+                f"{', '.join(unknown)}: the registration weights record their network settings; only weights "
+                f"saved before they did (bundle < 0.3.0) take settings, and only {', '.join(keys)}"
+            )
         raise ExportError(
             f"{', '.join(unknown)}: not model settings of the {bundle} bundle (those are: {', '.join(keys)})"
         )
@@ -384,7 +457,7 @@ def export(
         overrides.update({k: _parse_cli_value(v) for k, v in st.overrides.items()})
         model = model or str(stage_model)
         metrics = metrics or (str(stage_metrics) if stage_metrics else None)
-    if train_config:
+    if train_config and not records_settings:
         from monai.bundle import ConfigParser
 
         loaded = ConfigParser.load_config_file(train_config)
@@ -393,7 +466,7 @@ def export(
     overrides.update(settings)
     if settings:
         notes.append("settings given: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items()))
-    stamped = training_settings(src, configs, overrides, keys)
+    stamped = {} if records_settings else training_settings(src, configs, overrides, keys)
     changed = {k: v for k, v in stamped.items() if v != infer_raw[k] or v != train_raw[k]}
 
     if not model:
@@ -428,9 +501,17 @@ def export(
 
         torch.save(state, root / "models" / "model.pt")
         sha = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
-        for cfg in ("train.json", "inference.json"):
-            _stamp_config(root / "configs" / cfg, stamped)
+        if records_settings:
+            network = recorded_network(root, settings, model)
+            network_def = {"_target_": "scripts.networks.GradientRegNet", **network}
+            _stamp_config(root / "configs" / "inference.json", {}, network_def)
+            _stamp_config(root / "configs" / "train.json", registration_train_settings(network))
+            changed = {"network_def": network_def}
+        else:
+            for cfg in ("train.json", "inference.json"):
+                _stamp_config(root / "configs" / cfg, stamped)
         check_network(root, ["inference.json", "train.json"], model)
+        _stamp_large_files(root, sha)
 
         packages = {**meta.get("required_packages_version", {}), **meta.pop("optional_packages_version", {})}
         entry = (

@@ -1,21 +1,22 @@
 """Chain the bundles' stages from a pipeline file, resumably.
 
-A pipeline file (YAML) lists stages; each runs one bundle config through
-``python -m monai.bundle run`` with overrides, in its own log. A stage is skipped when a
-stamp (hash of its config files, overrides, input files and the Python code it runs) matches
-and its outputs exist;
-an interrupted training stage is simply run again and resumes from the checkpoint the bundle
-left. With ``jobs`` > 1, stages whose inputs do not come from each other run at the same time
-(like ``make -j``): a stage waits for every earlier stage that writes one of its inputs (a path
-equal to, inside, or containing an output or its folder) or that it names in ``after``.
-SIGTERM or SIGINT to the runner ends every running stage with all its descendants (e.g.
-preprocessing workers) before the runner exits. Stages stay in the runner's process group, so
-``kill -- -PGID`` (the only way to reach them after a SIGKILL of the runner alone) ends them too.
-This module holds no stage logic: what a stage does lives in the bundle's config.
+A pipeline file (YAML) lists stages; each runs one bundle config through ``python -m monai.bundle run``
+with overrides, in its own log. The shipped pipelines (demo, tiny, bench, full) name one ``graph`` file,
+``ablation.yaml``, which holds the stages; they set its variables and leave out optional stages
+(``skip``). A stage is skipped when a stamp (hash of its config files, overrides, input files and the
+Python code it runs) matches and its outputs exist; an interrupted training stage is simply run again and
+resumes from the checkpoint the bundle left. With ``jobs`` > 1, stages whose inputs do not come from each
+other run at the same time (like ``make -j``): a stage waits for every earlier stage that writes one of its
+inputs (a path equal to, inside, or containing an output or its folder) or that it names in ``after``.
+SIGTERM or SIGINT to the runner ends every running stage with all its descendants (e.g. preprocessing
+workers) before the runner exits. Stages stay in the runner's process group, so ``kill -- -PGID`` (the
+only way to reach them after a SIGKILL of the runner alone) ends them too. This module holds no stage
+logic: what a stage does lives in the bundle's config.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -24,7 +25,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -34,10 +34,14 @@ from typing import Any
 
 import yaml
 
-from .files import write_text
+from .atomic import atomic_write_text
+from .bundles import REPO, bundle_command, bundle_env, bundle_root
 
-REPO = Path(__file__).resolve().parents[2]
 PIPELINES = Path(__file__).resolve().parent / "pipelines"
+
+
+class UsageError(ValueError):
+    """A mistake on the command line or in a pipeline file: printed as one message, without a traceback."""
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Stage:
     nproc: int = 1  # >1: run under torchrun with this many processes
     env: dict[str, str] = field(default_factory=dict)  # environment variables of the stage's process
     after: list[str] = field(default_factory=list)  # stages to wait for besides those found from paths
+    row: str | None = None  # the stage's row in the report (its first output is the row's metrics.json)
 
 
 def _substitute(value: Any, variables: dict[str, str]) -> Any:
@@ -66,9 +71,60 @@ def _substitute(value: Any, variables: dict[str, str]) -> Any:
     return value
 
 
-def read_spec(path: str | Path) -> dict:
-    """The pipeline file as a dict (YAML)."""
-    return yaml.safe_load(Path(path).read_text())
+def find_pipeline(config: str | os.PathLike) -> Path:
+    """A pipeline file path, or the name of one shipped in ``abdoreg/pipelines`` (demo, tiny, bench, full)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = PIPELINES / f"{config}.yaml"
+    if shipped.is_file() and str(config) != "ablation":
+        return shipped
+    names = ", ".join(p.stem for p in sorted(PIPELINES.glob("*.yaml")) if p.stem != "ablation")
+    raise UsageError(f"no pipeline file {str(config)!r} (shipped pipelines: {names})")
+
+
+def _expand(stages: list[dict], tables: dict) -> list[dict]:
+    """Stages with ``foreach: <table>`` repeated for each entry of that table (``{cohort}``, ``{cohort_dir}``)."""
+    out = []
+    for stage in stages:
+        table = stage.get("foreach")
+        if table is None:
+            out.append(stage)
+            continue
+        if table not in tables:
+            raise UsageError(f"stage {stage.get('name')!r}: foreach names no table {table!r}")
+        body = {k: v for k, v in stage.items() if k != "foreach"}
+        item = table[:-1] if table.endswith("s") else table
+        for key, value in tables[table].items():
+            out.append(_substitute(copy.deepcopy(body), {item: key, f"{item}_dir": value}))
+    return out
+
+
+def read_spec(path: str | os.PathLike) -> dict:
+    """The pipeline file as a dict. A pipeline that names a ``graph`` gets the graph's stages (``foreach``
+    expanded, ``skip`` left out), variables, ``env`` and ``jobs``, with its own values over them."""
+    path = Path(path)
+    spec = yaml.safe_load(path.read_text()) or {}
+    graph_name = spec.get("graph")
+    graph = yaml.safe_load((path.parent / graph_name).read_text()) if graph_name else spec
+    own_vars = spec.get("vars", {}) or {}
+    if graph_name:
+        unknown = sorted(set(own_vars) - set(graph.get("vars", {}) or {}))
+        if unknown:
+            raise UsageError(f"{path}: variables {unknown} are not variables of its graph {graph_name}")
+    stages = _expand(graph.get("stages", []), {"cohorts": graph.get("cohorts", {}) or {}})
+    skip = list(spec.get("skip", []) or [])
+    names = [s["name"] for s in stages]
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise UsageError(f"{path}: skip names no stage {unknown} (stages: {', '.join(names)})")
+    return {
+        "vars": {**(graph.get("vars", {}) or {}), **own_vars},
+        "env": {**(graph.get("env", {}) or {}), **(spec.get("env", {}) or {})},
+        "jobs": spec.get("jobs", graph.get("jobs", 1)),
+        "skip": skip,
+        "stages": [s for s in stages if s["name"] not in skip],
+    }
 
 
 def load_pipeline(
@@ -77,12 +133,13 @@ def load_pipeline(
     """Read a pipeline file; ``{work}``, ``{repo}`` and the file's ``vars`` are substituted."""
     spec = read_spec(path)
     variables = {"work": str(Path(work).resolve()), "repo": str(REPO)}
-    for key, value in {**spec.get("vars", {}), **(extra_vars or {})}.items():
+    for key, value in {**spec["vars"], **(extra_vars or {})}.items():
         variables[key] = str(_substitute(value, variables))
-    common_env = {k: str(v) for k, v in spec.get("env", {}).items()}
+    common_env = {k: str(v) for k, v in spec["env"].items()}
     stages = [Stage(**_substitute(s, variables)) for s in spec["stages"]]
     for stage in stages:
         stage.env = {**common_env, **{k: str(v) for k, v in stage.env.items()}}
+        stage.configs = [c for c in stage.configs if c]  # a variable set to "" leaves its config out
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: stage names must be unique")
@@ -90,6 +147,10 @@ def load_pipeline(
         unknown = [a for a in stage.after if a not in names[:i]]
         if unknown:
             raise ValueError(f"{path}: stage {stage.name} is after {unknown}, which are not earlier stages")
+    rows = {s.row: s.outputs[0] for s in stages if s.row}
+    for stage in stages:  # the report lists the rows of the stages that run
+        if stage.builtin == "report" and "methods" not in stage.args:
+            stage.args["methods"] = dict(rows)
     return variables, stages
 
 
@@ -122,7 +183,7 @@ def _signature(path: Path) -> list:
 def stage_code(stage: Stage) -> dict[str, str]:
     """Hashes of the Python a stage runs: its bundle's ``scripts/``, or this package's own steps."""
     if stage.bundle:
-        root = REPO / "bundles" / stage.bundle
+        root = bundle_root(stage.bundle)
         files = list((root / "scripts").rglob("*.py"))
     else:
         root = Path(__file__).resolve().parent
@@ -134,7 +195,7 @@ def stage_stamp(stage: Stage) -> str:
     """Hash of everything that determines a stage's result: settings, configs, code and inputs."""
     content: dict[str, Any] = {"stage": stage.__dict__}
     if stage.bundle:
-        cfg_dir = REPO / "bundles" / stage.bundle / "configs"
+        cfg_dir = bundle_root(stage.bundle) / "configs"
         content["configs"] = {c: (cfg_dir / c).read_text() for c in stage.configs}
     content["code"] = stage_code(stage)
     content["inputs"] = [_signature(Path(p)) for p in stage.inputs]
@@ -158,38 +219,6 @@ def exception_lines(log: str, max_lines: int = 40) -> list[str]:
             else:
                 found.append(line)
     return found[:max_lines]
-
-
-def bundle_command(stage: Stage) -> list[str]:
-    """The ``python -m monai.bundle run`` command line of a bundle stage."""
-    root = REPO / "bundles" / stage.bundle
-    configs = [str(root / "configs" / c) for c in stage.configs]
-    config_arg = configs[0] if len(configs) == 1 else json.dumps(configs)
-    launcher = [sys.executable, "-m", "monai.bundle"]
-    if stage.nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={stage.nproc}",
-            "-m",
-            "monai.bundle",
-        ]
-    cmd = [
-        *launcher,
-        "run",
-        "--config_file",
-        config_arg,
-        "--bundle_root",
-        str(root),
-        "--meta_file",
-        str(root / "configs" / "metadata.json"),
-    ]
-    if (root / "configs" / "logging.conf").exists():
-        cmd += ["--logging_file", str(root / "configs" / "logging.conf")]
-    for key, value in stage.overrides.items():
-        cmd += [f"--{key}", value if isinstance(value, str) else repr(value)]
-    return cmd
 
 
 def _running(pid: int) -> bool:
@@ -246,7 +275,15 @@ class Runner:
     ):
         self.work = Path(work).resolve()
         self.variables, self.stages = load_pipeline(pipeline, self.work, extra_vars)
-        self.jobs = max(1, int(jobs if jobs is not None else read_spec(pipeline).get("jobs", 1)))
+        jobs = jobs if jobs is not None else read_spec(pipeline)["jobs"]
+        try:
+            self.jobs = int(jobs)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"--jobs must be a whole number of stages to run at once, got {jobs!r}"
+            ) from None
+        if self.jobs < 1:
+            raise UsageError(f"--jobs must be at least 1, got {self.jobs}")
         self.echo = echo
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
@@ -364,7 +401,9 @@ class Runner:
         if missing:
             raise RuntimeError(f"stage {stage.name} finished but did not write {', '.join(missing)}")
         stamp = self.work / "stamps" / f"{stage.name}.json"
-        write_text(stamp, json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)}))
+        atomic_write_text(
+            stamp, json.dumps({"hash": stage_stamp(stage), "seconds": round(time.time() - t0, 1)})
+        )
         self.echo(f"[done] {stage.name} in {time.time() - t0:.0f} s")
         return stage.name, "done", time.time() - t0
 
@@ -394,13 +433,8 @@ class Runner:
             with log.open("w") as fh:
                 getattr(steps, stage.builtin)(log=lambda msg: print(msg, file=fh, flush=True), **stage.args)
             return
-        cmd = bundle_command(stage)
-        root = REPO / "bundles" / stage.bundle
-        env = {
-            **os.environ,
-            **stage.env,
-            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-        }
+        cmd = bundle_command(stage.bundle, stage.configs, stage.overrides, nproc=stage.nproc)
+        env = bundle_env(stage.bundle, {**os.environ, **stage.env})
         with log.open("w") as fh:
             fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             fh.flush()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path, write_text
+from .atomic import atomic_write, atomic_write_text
 from .synth import generate
 
 COLUMNS = [
@@ -31,8 +31,11 @@ BOOTSTRAP = 10_000  # resamples of the pairs for each confidence interval
 ALPHA = 0.05
 
 
-def synth(log: Callable[[str], None], out: str, **kwargs) -> None:
-    generate(out, log=log, **kwargs)
+def synth(
+    log: Callable[[str], None], out: str, size: str = "tiny", n_l2r: int = 9, n_other: int = 3, seed: int = 0
+) -> None:
+    """Synthetic cohorts (pipeline variables arrive as text: the counts are read as integers)."""
+    generate(out, size=size, n_l2r=int(n_l2r), n_other=int(n_other), seed=int(seed), log=log)
 
 
 def pair_dice(metrics: dict) -> dict[tuple[str, str], float]:
@@ -126,8 +129,8 @@ def report(
                 cells += [f"{mark}{delta:+.3f}{mark}", f"{mark}{p:.2g}{mark}"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    write_text(out / "report.md", table)
-    write_text(out / "report.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / "report.md", table)
+    atomic_write_text(out / "report.json", json.dumps(rows, indent=2))
     _chart(rows, out / "report.png", title)
     log(table)
     print(table)
@@ -161,6 +164,5 @@ def _chart(rows: dict[str, dict], path: Path, title: str) -> None:
         ax.set_yticklabels([])
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

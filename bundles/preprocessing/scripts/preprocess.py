@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .files import atomic_write, json_bytes, nifti_bytes, remove_stale_temps
+from .atomic import remove_stale_temps
+from .files import json_bytes, nifti_bytes, write_if_changed
 from .geometry import (
     CaseError,
     Volume,
@@ -51,8 +52,8 @@ class Settings:
     table: dict
     organs: dict[str, str]
     output_dir: Path
-    spacing: tuple[float, float, float]
-    shape: tuple[int, int, int]
+    pixdim: tuple[float, float, float]
+    spatial_size: tuple[int, int, int]
     align: str
     pad_value: float
     reference: Path | None
@@ -65,8 +66,8 @@ class Settings:
             "v": RECORD_VERSION,
             "table": self.table,
             "organs": self.organs,
-            "spacing": self.spacing,
-            "shape": self.shape,
+            "pixdim": self.pixdim,
+            "spatial_size": self.spatial_size,
             "align": self.align,
             "pad": self.pad_value,
             "reference": ref,
@@ -124,7 +125,7 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
 
     # Target grid: the reference's orientation and centre (Learn2Reg space), the configured spacing and shape.
     ref = reference if reference is not None else image
-    aff = target_affine(unit_axes(ref.affine), s.spacing, s.shape, grid_center(ref))
+    aff = target_affine(unit_axes(ref.affine), s.pixdim, s.spatial_size, grid_center(ref))
     moving = to_ants(image)
     tmpdir = Path(tempfile.mkdtemp(prefix="abdoreg-pre-"))
     try:
@@ -133,17 +134,19 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
             if reference is None:
                 raise CaseError(f"{case.image}: align={s.align!r} needs a reference scan (set `reference`)")
             found = align(
-                moving, to_ants(reference), s.spacing, s.align, outprefix=str(tmpdir) + "/", **s.registration
+                moving, to_ants(reference), s.pixdim, s.align, outprefix=str(tmpdir) + "/", **s.registration
             )
             transforms = [str(p) for p in found]
         applied = transforms or identity_transform(tmpdir)
-        out_img = resample(moving, aff, s.shape, applied, "linear", s.pad_value)
+        out_img = resample(moving, aff, s.spatial_size, applied, "linear", s.pad_value)
         out_img = np.clip(np.rint(out_img), -32768, 32767).astype(np.int16)
         out_lab = None
         if native is not None:
             remapped = labels.remap(native.array, case.label)
             lab_img = to_ants(Volume(remapped.astype(np.float32), native.affine))
-            out_lab = np.rint(resample(lab_img, aff, s.shape, applied, "genericLabel", 0)).astype(np.uint8)
+            out_lab = np.rint(resample(lab_img, aff, s.spatial_size, applied, "genericLabel", 0)).astype(
+                np.uint8
+            )
             out_lab = labels.split_by_side(out_lab, out_img, aff)
         translation = translation_mm(transforms) if s.align == "translation" else None
     except ValueError as exc:
@@ -152,8 +155,8 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
         shutil.rmtree(tmpdir, ignore_errors=True)
 
     if out_lab is not None:
-        atomic_write(lab_out, nifti_bytes(out_lab, aff))
-    atomic_write(img_out, nifti_bytes(out_img, aff))
+        write_if_changed(lab_out, nifti_bytes(out_lab, aff))
+    write_if_changed(img_out, nifti_bytes(out_img, aff))
     record = {
         "case": case.case,
         "cohort": s.cohort,
@@ -169,7 +172,7 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
         "signature": signature,
         "settings": digest,
     }
-    atomic_write(rec_out, json_bytes(record))  # written last: its presence means the case is complete
+    write_if_changed(rec_out, json_bytes(record))  # written last: its presence means the case is complete
     return record
 
 
@@ -201,8 +204,8 @@ def _datalist(s: Settings, listing: CohortListing, records: dict[str, dict]) -> 
         items.setdefault(rec["split"], []).append(item)
     out = {
         "labels": s.organs,
-        "spacing": list(s.spacing),
-        "shape": list(s.shape),
+        "pixdim": list(s.pixdim),
+        "spatial_size": list(s.spatial_size),
         "cohorts": [s.cohort],
         **{k: v for k, v in items.items() if v or k != "test"},
     }
@@ -218,16 +221,16 @@ def _datalist(s: Settings, listing: CohortListing, records: dict[str, dict]) -> 
 
 
 def _grid(part: dict) -> tuple[list[float], list[int]]:
-    return [float(v) for v in part.get("spacing", [])], [int(v) for v in part.get("shape", [])]
+    return [float(v) for v in part.get("pixdim", [])], [int(v) for v in part.get("spatial_size", [])]
 
 
 def _describe(grid: tuple[list[float], list[int]]) -> str:
-    spacing, shape = grid
-    return f"{'x'.join(f'{v:g}' for v in spacing)} mm, {'x'.join(str(v) for v in shape)} voxels"
+    pixdim, spatial_size = grid
+    return f"{'x'.join(f'{v:g}' for v in pixdim)} mm, {'x'.join(str(v) for v in spatial_size)} voxels"
 
 
 def cohort_grids(output_dir: Path) -> dict[str, tuple[list[float], list[int]]]:
-    """The grid (spacing, shape) of every cohort datalist in ``output_dir``, by cohort."""
+    """The grid (pixdim, spatial_size) of every cohort datalist in ``output_dir``, by cohort."""
     return {
         path.name[len("datalist_") : -len(".json")]: _grid(json.loads(path.read_text()))
         for path in sorted(Path(output_dir).glob("datalist_*.json"))
@@ -249,26 +252,26 @@ def merge_datalists(output_dir: Path) -> dict:
     for path in sorted(output_dir.glob("datalist_*.json")):
         part = json.loads(path.read_text())
         for key, value in part.items():
-            if key in ("labels", "spacing", "shape"):
+            if key in ("labels", "pixdim", "spatial_size"):
                 merged.setdefault(key, value)
             elif isinstance(value, list):
                 merged.setdefault(key, []).extend(value)
     if merged:
-        atomic_write(output_dir / "datalist.json", json_bytes(merged))
+        write_if_changed(output_dir / "datalist.json", json_bytes(merged))
     else:
         (output_dir / "datalist.json").unlink(missing_ok=True)
     return merged
 
 
-def _check_grid(cohort: str, out: Path, spacing, shape) -> None:
+def _check_grid(cohort: str, out: Path, pixdim, spatial_size) -> None:
     """One output folder holds one grid; a re-run of ``cohort`` on a new grid withdraws its old datalist.
 
     Other cohorts on another grid: refused before anything is written. This cohort on another
-    grid (a re-run with a new ``spacing``/``shape``): its datalist is removed first and written
+    grid (a re-run with a new ``pixdim``/``spatial_size``): its datalist is removed first and written
     again when the run completes, so a datalist never lists images of another grid, even if the
     run is killed half-way.
     """
-    wanted = ([float(v) for v in spacing], [int(v) for v in shape])
+    wanted = ([float(v) for v in pixdim], [int(v) for v in spatial_size])
     grids = cohort_grids(out)
     others = {c: g for c, g in grids.items() if c != cohort and g != wanted}
     if others:
@@ -322,8 +325,8 @@ def run_cohort(
     output_dir: str,
     cohort_table: str,
     organs_file: str,
-    spacing=(2.0, 2.0, 2.0),
-    shape=(192, 160, 256),
+    pixdim=(2.0, 2.0, 2.0),
+    spatial_size=(192, 160, 256),
     align: str | None = None,
     pad_value: float = -1024.0,
     reference: str | None = None,
@@ -351,7 +354,7 @@ def run_cohort(
         raise PreprocessingFailed(
             f"cohort {cohort}: align={align_mode!r} needs a reference Learn2Reg scan: set `reference`, or preprocess the l2r cohort into {out} first"
         )
-    _check_grid(cohort, out, spacing, shape)
+    _check_grid(cohort, out, pixdim, spatial_size)
     for path in remove_stale_temps(out / cohort) + remove_stale_temps(out, recursive=False):
         logger.info(f"removed {path}, left by an interrupted run")
     s = Settings(
@@ -359,8 +362,8 @@ def run_cohort(
         table,
         organs,
         out,
-        tuple(float(v) for v in spacing),
-        tuple(int(v) for v in shape),
+        tuple(float(v) for v in pixdim),
+        tuple(int(v) for v in spatial_size),
         align_mode,
         float(pad_value),
         ref_path,
@@ -385,7 +388,7 @@ def run_cohort(
             _collect(*_worker(job), records, failures)
     skipped = sum(1 for r in records.values() if r.get("skipped"))
     if records:  # a run where every case failed leaves the datalists as they were
-        atomic_write(out / f"datalist_{cohort}.json", json_bytes(_datalist(s, listing, records)))
+        write_if_changed(out / f"datalist_{cohort}.json", json_bytes(_datalist(s, listing, records)))
         merge_datalists(out)
     logger.info(
         f"cohort {cohort}: {len(records) - skipped} processed, {skipped} unchanged (skipped), {len(failures)} failed"

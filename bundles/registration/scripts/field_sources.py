@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from scripts import fields as F
-from scripts.inputs import InputError
+from scripts.errors import InputError, as_flag
+from scripts.fields import find_field, l2r_to_ddf, load_l2r_field
 
 __all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration", "ConvexAdamIteration"]
 
@@ -44,7 +44,7 @@ class FieldFolderIteration:
         missing = []
         for p in pairs or []:
             try:
-                F.find_field(self.field_dir, p["fixed"], p["moving"])
+                find_field(self.field_dir, p["fixed"], p["moving"])
             except FileNotFoundError as exc:
                 missing.append(str(exc))
         if missing:
@@ -53,12 +53,12 @@ class FieldFolderIteration:
     def __call__(self, engine: Engine, batch: dict) -> dict:
         ddfs = []
         for fixed, moving in zip(batch["path_fixed"], batch["path_moving"], strict=True):
-            field = F.load_l2r_field(F.find_field(self.field_dir, fixed, moving))
+            field = load_l2r_field(find_field(self.field_dir, fixed, moving))
             if tuple(field.shape[:3]) != tuple(batch["fixed"].shape[2:]):
                 raise InputError(
                     f"field for {fixed} / {moving} has shape {field.shape}, scans {tuple(batch['fixed'].shape[2:])}"
                 )
-            ddfs.append(F.l2r_to_ddf(field))
+            ddfs.append(l2r_to_ddf(field))
         return {"pred": torch.stack(ddfs)}
 
 
@@ -73,7 +73,7 @@ class _PerPairIteration:
         ddfs, runtimes = [], []
         for b in range(batch["fixed"].shape[0]):
             field, seconds = self.register(batch["fixed"][b, 0], batch["moving"][b, 0])
-            ddfs.append(F.l2r_to_ddf(field))
+            ddfs.append(l2r_to_ddf(field))
             runtimes.append(seconds)
         return {"pred": torch.stack(ddfs), "runtime_s": runtimes}
 
@@ -93,7 +93,7 @@ class SynIteration(_PerPairIteration):
     ) -> None:
         self.registration = dict(registration)
         self.clip_hu = tuple(clip_hu) if clip_hu else None
-        self.deterministic = str(deterministic).strip().lower() not in ("false", "0", "no")
+        self.deterministic = as_flag(deterministic)
 
     def register(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[np.ndarray, float]:
         from scripts.syn import register_pair  # antspyx only for this stage

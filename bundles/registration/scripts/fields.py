@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -99,6 +100,15 @@ def find_field(folder: str | os.PathLike, fixed: str, moving: str) -> Path:
 # ----------------------------------------------------------------------------------------------
 # conversions
 # ----------------------------------------------------------------------------------------------
+def ddf_of(pred: Any) -> torch.Tensor:
+    """The displacement field of a network output (tensor, first of a tuple, or ``pred["ddf"]``)."""
+    if isinstance(pred, Mapping):
+        pred = pred["ddf"]
+    if isinstance(pred, (list, tuple)):
+        pred = pred[0]
+    return torch.as_tensor(pred)
+
+
 def ddf_to_l2r(ddf: torch.Tensor | np.ndarray) -> np.ndarray:
     """MONAI ddf (3, D, H, W) or (1, 3, D, H, W) -> Learn2Reg field (D, H, W, 3) float32."""
     arr = ddf.detach().float().cpu().numpy() if isinstance(ddf, torch.Tensor) else np.asarray(ddf, np.float32)

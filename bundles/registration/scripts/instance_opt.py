@@ -24,10 +24,10 @@ from ignite.engine import Engine
 from monai.losses import DiceLoss
 from torch import nn
 
-from scripts.inputs import InputError, as_flag
+from scripts.errors import InputError, as_flag
+from scripts.fields import ddf_of
 from scripts.losses import masked_dice_loss, one_hot_organs, organ_mask
-from scripts.pair_loading import PSEUDO
-from scripts.training import ddf_of
+from scripts.transforms import PSEUDO
 
 __all__ = ["InstanceOptimiser", "InstanceOptIteration", "smooth_field", "diffusion", "GridWarp"]
 

@@ -4,8 +4,12 @@ The decoder predicts, per axis, the *spatial gradient* of the sampling grid thro
 the grid is the cumulative sum of those gradients along each axis, so every axis mapping is
 strictly increasing (no folding along an axis by construction). A zero-initialised head gives
 sigmoid(0) = 0.5 everywhere, which this module scales to a step of exactly one voxel: the
-identity transform at the start of training. With ``field="displacement"`` (the CPU recipe) the same
+identity transform at the start of training. With ``head_type="displacement"`` (the CPU recipe) the same
 heads predict the displacement itself, which short trainings learn several times faster.
+
+A network records its settings in its state dict (``_extra_state``), so a checkpoint says which
+network it belongs to: ``scripts.weights.network_from_checkpoint`` builds it, and loading it into a
+network with other settings fails with the settings that differ.
 
 Conventions (shared with every network of the bundle, so warping, losses and metrics are shared):
 input is one tensor (B, 2*C, D, H, W) with the moving channels first, then the fixed channels;
@@ -15,22 +19,99 @@ output is a dense displacement field (B, 3, D, H, W) in voxel units of the fixed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT", "FIELD_MARK"]
+__all__ = [
+    "GradientRegNet",
+    "gradient_to_ddf",
+    "IDENTITY_GRADIENT",
+    "HEAD_TYPES",
+    "MODEL_SETTINGS",
+    "recorded_settings",
+    "settings_from_shapes",
+    "input_windows_of",
+]
 
 # sigmoid(0): the gradient value of the identity transform (scaled to one voxel per voxel).
 IDENTITY_GRADIENT = 0.5
 
-# What the heads predict (GradientRegNet ``field``): the paper's sigmoid gradient, integrated by a cumulative
+# What the heads predict (GradientRegNet ``head_type``): the paper's sigmoid gradient, integrated by a cumulative
 # sum, or the displacement itself (VoxelMorph's plain field).
-FIELDS = ("gradient", "displacement")
-FIELD_MARK = "displacement_heads"  # state-dict entry of networks with displacement heads
+HEAD_TYPES = ("gradient", "displacement")
+# Settings that change the weights' shapes, the field computed from them, or the inputs they expect. The
+# others (deep_supervision, symmetric, supervised_levels) only change what training mode returns.
+MODEL_SETTINGS = (
+    "in_channels", "channel_multiplier", "base_channels", "blocks_per_level", "downsample", "step_range",
+    "head_type", "norm", "act", "input_windows",
+)  # fmt: skip
+SETTINGS_KEY = "_extra_state"  # where torch's state_dict keeps a module's extra state
+# The settings are stored as a fixed-length uint8 tensor (JSON padded with spaces): a tensor, because
+# monai.networks.copy_model_state (monai.bundle.load) reads every entry's shape, and of fixed length, so that
+# it copies the entry and the comparison in set_extra_state runs.
+SETTINGS_BYTES = 2048
+LEGACY_FIELD_MARK = (
+    "displacement_heads"  # buffer of displacement-head networks saved before settings were recorded
+)
+
+
+def _json_value(value: Any) -> Any:
+    """A setting as JSON keeps it (tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return value
+
+
+def recorded_settings(state: Mapping[str, Any]) -> dict | None:
+    """The settings a ``GradientRegNet`` state dict records, or None (another network, or saved before)."""
+    value = state.get(SETTINGS_KEY)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
+        return None
+    try:
+        settings = json.loads(bytes(value.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def settings_from_shapes(state: Mapping[str, torch.Tensor]) -> dict | None:
+    """What a ``GradientRegNet`` state dict without recorded settings tells by its shapes (None for another
+    network): input channels, widths (as ``base_channels`` x ``channel_multiplier``), blocks per level, heads."""
+    first = state.get("input_block.convs.0.conv.weight")
+    if not isinstance(first, torch.Tensor) or first.ndim != 5:
+        return None
+    widths = [int(first.shape[0])]
+    blocks = []
+    level = 0
+    while f"down.{level}.down.conv.weight" in state:
+        widths.append(int(state[f"down.{level}.down.conv.weight"].shape[0]))
+        n = 0
+        while f"down.{level}.stack.convs.{n}.conv.weight" in state:
+            n += 1
+        blocks.append(n)
+        level += 1
+    default_base = (4, 8, 16, 32, 64)
+    ratios = {w / b for w, b in zip(widths, default_base, strict=False)}
+    if len(widths) == len(default_base) and len(ratios) == 1:
+        base, multiplier = list(default_base), ratios.pop()
+        multiplier = int(multiplier) if float(multiplier).is_integer() else multiplier
+    else:
+        base, multiplier = widths, 1
+    return {
+        "in_channels": int(first.shape[1]),
+        "channel_multiplier": multiplier,
+        "base_channels": base,
+        "blocks_per_level": blocks,
+        "head_type": "displacement" if LEGACY_FIELD_MARK in state else "gradient",
+    }
 
 
 def gradient_to_ddf(gradient: torch.Tensor, step_range: float = 1.0) -> torch.Tensor:
@@ -131,7 +212,7 @@ class GradientRegNet(nn.Module):
             upsample it trilinearly: 2 costs about 1/8 of the time and memory of 1 (the paper's).
         step_range: the integrated step is ``1 + step_range (2 g - 1)`` voxels (1, the paper: (0, 2));
             see ``gradient_to_ddf``. It changes the field, so inference must use the training value.
-        field: what the heads predict: "gradient" (the paper: the sigmoid step of the sampling grid along
+        head_type: what the heads predict: "gradient" (the paper: the sigmoid step of the sampling grid along
             each axis, integrated by a cumulative sum; no folding along an axis) or "displacement" (the
             field itself, in voxels of the prediction grid, as VoxelMorph's; zero-initialised heads still
             start at the identity). With "gradient" a head's change at one voxel moves every later voxel
@@ -142,6 +223,10 @@ class GradientRegNet(nn.Module):
         supervised_levels: with deep supervision, how many decoder levels (finest first) return a field;
             ``None`` = all (the paper). Unused heads stay in the state dict, so checkpoints load either way.
         norm, act: MONAI layer factory names.
+        input_windows: the CT windows (width, level) of the ``in_channels`` input channels, recorded with the
+            settings so that inference windows its inputs as training did (None: not recorded).
+        input_pixdim, input_spatial_size: the voxel spacing (mm) and grid of the training scans, recorded so
+            that inference puts raw scans on the grid the network learned on (None: not recorded).
 
     ``forward`` returns the ddf tensor in eval mode. In training mode it returns a dict:
     ``ddf`` (finest level), ``ddfs`` (one per supervised level, finest first, at the input's
@@ -161,9 +246,12 @@ class GradientRegNet(nn.Module):
         downsample: int = 1,
         step_range: float = 1.0,
         supervised_levels: int | None = None,
-        field: str = "gradient",
+        head_type: str = "gradient",
         norm: str | tuple = "INSTANCE",
         act: str | tuple = "RELU",
+        input_windows: Sequence[Sequence[float]] | None = None,
+        input_pixdim: Sequence[float] | None = None,
+        input_spatial_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < step_range <= 1.0:
@@ -172,9 +260,33 @@ class GradientRegNet(nn.Module):
             raise ValueError("base_channels needs one more entry than blocks_per_level (the input block)")
         if int(downsample) < 1:
             raise ValueError(f"downsample must be a positive integer, got {downsample}")
-        if field not in FIELDS:
-            raise ValueError(f"field must be one of {FIELDS}, got {field!r}")
-        self.field = field
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+        if input_windows is not None and len(input_windows) != in_channels:
+            raise ValueError(f"{len(input_windows)} input_windows for in_channels {in_channels}")
+        self.head_type = head_type
+        self.input_windows = [[float(v) for v in w] for w in input_windows] if input_windows else None
+        self.input_pixdim = [float(v) for v in input_pixdim] if input_pixdim else None
+        self.input_spatial_size = [int(v) for v in input_spatial_size] if input_spatial_size else None
+        self.settings = _json_value(
+            {
+                "in_channels": in_channels,
+                "channel_multiplier": channel_multiplier,
+                "base_channels": base_channels,
+                "blocks_per_level": blocks_per_level,
+                "deep_supervision": deep_supervision,
+                "symmetric": symmetric,
+                "downsample": int(downsample),
+                "step_range": float(step_range),
+                "supervised_levels": supervised_levels,
+                "head_type": head_type,
+                "norm": norm,
+                "act": act,
+                "input_windows": self.input_windows,
+                "input_pixdim": self.input_pixdim,
+                "input_spatial_size": self.input_spatial_size,
+            }
+        )
         ch = [int(c * channel_multiplier) for c in base_channels]
         self.in_channels = in_channels
         self.deep_supervision = deep_supervision
@@ -201,10 +313,65 @@ class GradientRegNet(nn.Module):
         for head in self.heads:  # zero init: every level starts at the identity
             nn.init.zeros_(head.conv.weight)
             nn.init.zeros_(head.conv.bias)
-        if field != "gradient":
-            # saved with the weights (the shapes are the same either way), so a checkpoint is never read
-            # with the other field's integration: loading it strictly fails and names the setting
-            self.register_buffer(FIELD_MARK, torch.ones(()))
+
+    # -------------------------------------------------------------------- settings in the state dict
+    def get_extra_state(self) -> torch.Tensor:
+        data = json.dumps(self.settings, sort_keys=True).encode("utf-8")
+        if len(data) > SETTINGS_BYTES:
+            raise ValueError(f"the network's settings take {len(data)} bytes, more than {SETTINGS_BYTES}")
+        return torch.tensor(list(data.ljust(SETTINGS_BYTES)), dtype=torch.uint8)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Loading weights saved with other settings is an error that names them (the shapes may agree: the
+        heads, the prediction grid and the windows change the field, not the weights)."""
+        saved = recorded_settings({SETTINGS_KEY: state})
+        if saved is None:
+            raise ValueError("the state dict's _extra_state is not the settings of a GradientRegNet")
+        diff = self.differences(saved)
+        if diff:
+            raise ValueError(
+                "these weights were saved by a GradientRegNet with other settings ("
+                + "; ".join(
+                    f"{k}: {saved.get(k)!r} in the weights, {self.settings.get(k)!r} here" for k in diff
+                )
+                + "): build the network from the checkpoint (scripts.weights.network_from_checkpoint) or with "
+                "the same settings"
+            )
+
+    def differences(self, settings: Mapping[str, Any]) -> list[str]:
+        """The model settings (``MODEL_SETTINGS``) in which ``settings`` differ from this network's; a
+        setting one side does not record (None) matches any."""
+        out = []
+        for key in MODEL_SETTINGS:
+            theirs, ours = _json_value(settings.get(key)), self.settings.get(key)
+            if theirs is None or ours is None:
+                continue
+            if key in ("channel_multiplier", "step_range"):
+                if float(theirs) != float(ours):
+                    out.append(key)
+            elif theirs != ours:
+                out.append(key)
+        return out
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: E501
+        # weights saved before the settings were recorded: the shapes are checked as usual, the head type
+        # by the buffer such networks carried, and the rest taken to be this network's
+        key = prefix + SETTINGS_KEY
+        if key not in state_dict:
+            legacy = (
+                "displacement" if state_dict.pop(prefix + LEGACY_FIELD_MARK, None) is not None else "gradient"
+            )
+            if legacy != self.head_type:
+                error_msgs.append(
+                    f"the weights are of a network with {legacy} heads, this one has {self.head_type} heads: "
+                    f"pass --head_type {legacy}"
+                )
+            state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def encode_merged(self, pair: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features of (moving; fixed) stacked on the batch axis, merged (moving - fixed) per
@@ -219,7 +386,7 @@ class GradientRegNet(nn.Module):
         return merged
 
     def decode(self, merged: list[torch.Tensor], size: Sequence[int], all_levels: bool) -> list[torch.Tensor]:
-        """Head outputs (gradient fields, or displacements with ``field`` "displacement") on the prediction
+        """Head outputs (gradient fields, or displacements with ``head_type`` "displacement") on the prediction
         grid (finest first), cropped to ``size`` (its unpadded part)."""
         x = merged[-1]
         grads = []
@@ -227,7 +394,7 @@ class GradientRegNet(nn.Module):
         for k, (up, head) in enumerate(zip(self.up, self.heads, strict=True)):
             x = up(x, merged[n - 1 - k])
             if k == n - 1 or (all_levels and k >= n - self.supervised_levels):
-                g = torch.sigmoid(head(x)) if self.field == "gradient" else head(x)
+                g = torch.sigmoid(head(x)) if self.head_type == "gradient" else head(x)
                 if g.shape[2:] != merged[0].shape[2:]:
                     g = F.interpolate(g, size=merged[0].shape[2:], mode="trilinear", align_corners=False)
                 grads.append(g[(..., *[slice(0, s) for s in size])])
@@ -236,7 +403,7 @@ class GradientRegNet(nn.Module):
     def _displacement(self, head_field: torch.Tensor) -> torch.Tensor:
         """A head's output on the prediction grid -> displacement in voxels of that grid (the cumulative sum
         of gradient heads; displacement heads as they are)."""
-        return gradient_to_ddf(head_field, self.step_range) if self.field == "gradient" else head_field
+        return gradient_to_ddf(head_field, self.step_range) if self.head_type == "gradient" else head_field
 
     def _padding(self, size: Sequence[int]) -> list[int]:
         """Padding at the end of each axis so the prediction grid is a multiple of 2**levels, and at least
@@ -283,13 +450,29 @@ class GradientRegNet(nn.Module):
             del merged
             return self._to_input_grid(self._displacement(grads[0]), size)
         out = {"ddfs": [self._to_input_grid(self._displacement(g), size) for g in grads]}
-        if self.field == "gradient":
+        if self.head_type == "gradient":
             out["gradients"] = grads
         out["ddf"] = out["ddfs"][0]
         if self.symmetric:
             grads_sym = self.decode([-d for d in merged], coarse, all_levels)  # fixed - moving
-            if self.field == "gradient":
+            if self.head_type == "gradient":
                 out["gradients_sym"] = grads_sym
             out["ddfs_sym"] = [self._to_input_grid(self._displacement(g), size) for g in grads_sym]
             out["ddf_sym"] = out["ddfs_sym"][0]
         return out
+
+
+def input_windows_of(network: torch.nn.Module, default: Sequence[Sequence[float]]) -> list:
+    """The CT windows a network reads: a ``GradientRegNet``'s recorded windows, else the first ``in_channels``
+    of ``default``; ``default`` for any other network (a stand-in, a baseline)."""
+    net = getattr(network, "module", network)
+    windows = [list(w) for w in default]
+    if not isinstance(net, GradientRegNet):
+        return windows
+    if net.input_windows:
+        return [list(w) for w in net.input_windows]
+    if net.in_channels > len(windows):
+        raise ValueError(
+            f"the network reads {net.in_channels} CT windows per scan, {len(windows)} given (ct_windows)"
+        )
+    return windows[: net.in_channels]

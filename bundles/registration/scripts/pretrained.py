@@ -17,15 +17,15 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import torch
 
-from scripts.checkpoints import setting_hints
+from scripts.errors import InputError, as_flag
+from scripts.weights import mismatch, read_state
 
-__all__ = ["resolve_pretrained", "checkpoint_state", "check_fits"]
+__all__ = ["resolve_pretrained", "check_fits"]
 
 logger = logging.getLogger("registration.pretrained")
 
@@ -110,51 +110,22 @@ def resolve_pretrained(
             )
     else:
         ckpt = path
-    if network is not None and str(strict).strip().lower() not in ("false", "0", "no"):
-        check_fits(checkpoint_state(ckpt, source), network, source)
+    if network is not None and as_flag(strict):
+        check_fits(ckpt, network, source)
     logger.info("fine-tuning starts from %s (source %s)", ckpt, source)
     return str(ckpt)
 
 
-def checkpoint_state(ckpt: str | os.PathLike, source: object = None) -> Mapping[str, torch.Tensor]:
-    """The network weights of a checkpoint: a plain state dict or the ``model`` entry of a training checkpoint."""
+def check_fits(ckpt: str | os.PathLike, network: torch.nn.Module, source: object) -> None:
+    """Raise a ValueError naming ``source`` when the weights in ``ckpt`` do not fit ``network``."""
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, or objects a weights-only load refuses
+        state = read_state(ckpt)
+    except InputError as exc:
+        raise ValueError(f"pretrained source {source}: {exc}") from exc
+    why = mismatch(state, network)
+    if why:
         raise ValueError(
-            f"pretrained source {source or ckpt}: {ckpt} is not a readable checkpoint ({e})"
-        ) from e
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained source {source or ckpt}: {ckpt} holds no state dict of network weights")
-    return state
-
-
-def check_fits(state: Mapping[str, torch.Tensor], network: torch.nn.Module, source: object) -> None:
-    """Raise a ValueError naming ``source`` when its weights do not fit ``network`` (keys or shapes)."""
-    own = network.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} in the source, {tuple(own[k].shape)} here"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    # the settings that differ, where the shapes tell them (inference's check says the same); else the weights
-    details = [f"it was trained with {hint}" for hint in setting_hints(state, own)]
-    if not details:
-        if shapes:
-            details.append(f"{len(shapes)} shape(s) differ, e.g. {'; '.join(shapes[:3])}")
-        if missing:
-            details.append(f"{len(missing)} weight(s) missing, e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected weight(s), e.g. {', '.join(unexpected[:3])}")
-    raise ValueError(
-        f"pretrained source {source} does not fit this network ({type(network).__name__}): "
-        + "; ".join(details)
-        + ". It was trained with other network settings (a bundle's are in its configs/inference.json):"
-        " pass the same ones (e.g. --channel_multiplier), or --initial_ckpt_strict false to load only what fits"
-    )
+            f"pretrained source {source} does not fit this network ({type(network).__name__}): {why}. "
+            "Pass the settings it was trained with (a checkpoint records them; an exported bundle's are in its "
+            "configs/train.json), or --initial_ckpt_strict false to load only what fits"
+        )

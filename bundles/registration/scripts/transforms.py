@@ -1,15 +1,55 @@
-"""Transforms shared by every stage: CT windowing of the network inputs."""
+"""The transforms MONAI lacks; the configs chain them with MONAI's own (``train.json``, ``inference.json``).
+
+* ``CTWindowd``: each CT window (width, level) of a HU image as one channel in [0, 1].
+* ``EnsureLabeld``: an all-zero label map for training cases without labels, so batches collate.
+* ``LoadScand``: a scan loaded by file name, refused with the file's name when unreadable, not 3D or not finite.
+* ``CheckSameGridd``: preprocessed pairs must share the fixed scan's grid (they are registered array to array).
+* ``AlignCentersd``: the moving scan's affine translated so that its centre meets the fixed scan's.
+
+Inside a pair, label maps and paths use keys that do not start with ``fixed_``/``moving_`` (``SEG``,
+``PSEUDO``, ``path_*``): MONAI's ``Spacingd`` treats every ``<key>_*`` entry as a meta dict of ``<key>``.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform
 
-__all__ = ["ct_window", "CTWindowd"]
+from scripts.errors import InputError
+
+__all__ = [
+    "SEG",
+    "PSEUDO",
+    "LOADED",
+    "ct_window",
+    "CTWindowd",
+    "EnsureLabeld",
+    "LoadScand",
+    "AlignCentersd",
+    "CheckSameGridd",
+    "grid_distance_mm",
+]
+
+# true labels (the metrics read them) and predicted labels (instance optimisation's Dice term reads them)
+SEG = {"fixed": "seg_fixed", "moving": "seg_moving"}
+PSEUDO = {"fixed": "pseudo_fixed", "moving": "pseudo_moving"}
+# pair-list key -> key of the loaded scan
+LOADED = {
+    "fixed": "fixed",
+    "moving": "moving",
+    "fixed_label": SEG["fixed"],
+    "moving_label": SEG["moving"],
+    "fixed_pseudo": PSEUDO["fixed"],
+    "moving_pseudo": PSEUDO["moving"],
+}
 
 
 def ct_window(img: torch.Tensor, windows: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -20,7 +60,8 @@ def ct_window(img: torch.Tensor, windows: Sequence[Sequence[float]]) -> torch.Te
 
 
 class CTWindowd(MapTransform):
-    """Replace each HU image by its windowed channels (kept as MetaTensor where the input is one)."""
+    """Replace each HU image by its windowed channels (one per window; MONAI's ``ScaleIntensityRanged``
+    clips one range into one channel, the network reads several)."""
 
     def __init__(
         self, keys: KeysCollection, windows: Sequence[Sequence[float]], allow_missing_keys: bool = False
@@ -32,4 +73,137 @@ class CTWindowd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = ct_window(d[key], self.windows)
+        return d
+
+
+class EnsureLabeld(MapTransform):
+    """Give unlabelled cases an all-zero label map (uint8) so that every batch collates the same keys."""
+
+    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([label_key], allow_missing_keys=True)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        if d.get(self.label_key) is None:
+            img = d[self.image_key]
+            d[self.label_key] = torch.zeros((1, *img.shape[1:]), dtype=torch.uint8)
+        return d
+
+
+class LoadScand(MapTransform):
+    """Load scans as channel-first MetaTensors, rejecting unreadable, non-3D or non-finite data by file name.
+
+    Each loaded key is renamed as ``LOADED`` says, and its file goes to ``path_<new key>``.
+    """
+
+    def __init__(self, keys: Sequence[str] = tuple(LOADED), allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            if not os.path.isfile(str(path)):
+                raise InputError(f"{path}: {key} file not found")
+            try:
+                img = self.loader(str(path))
+            except Exception as exc:  # readers raise many types for truncated or foreign files
+                raise InputError(f"{path}: unreadable {key} ({type(exc).__name__}: {exc})") from exc
+            while img.ndim > 4 and img.shape[-1] == 1:
+                img = img[..., 0]
+            if img.ndim != 4 or img.shape[0] != 1 or min(img.shape[1:]) < 2:
+                raise InputError(f"{path}: expected a 3D single-channel {key}, got shape {tuple(img.shape)}")
+            bad = int(img.numel() - torch.isfinite(img).sum())
+            if bad:
+                raise InputError(f"{path}: {key} has {bad} NaN or infinite voxels")
+            del d[key]
+            d[LOADED.get(key, key)] = img
+            d[f"path_{LOADED.get(key, key)}"] = str(path)
+        return d
+
+
+class AlignCentersd(MapTransform):
+    """Translate the moving scan's affine so its centre meets the fixed scan's (records ``world_shift``).
+
+    Scans of different patients sit at arbitrary scanner coordinates; without this a moving scan
+    can fall outside the fixed field of view. The shift is part of the transform we write. Applied
+    to the scans as loaded: the centres are those of the original geometry in world coordinates.
+    """
+
+    def __init__(
+        self, keys: Sequence[str] = ("moving", SEG["moving"], PSEUDO["moving"]), ref_key: str = "fixed"
+    ) -> None:
+        super().__init__(keys, allow_missing_keys=True)
+        self.ref_key = ref_key
+
+    @staticmethod
+    def _centre(img: MetaTensor) -> np.ndarray:
+        aff = np.asarray(img.affine, np.float64)
+        return (aff @ np.append((np.asarray(img.shape[1:]) - 1) / 2.0, 1.0))[:3]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        shift = self._centre(d[self.ref_key]) - self._centre(d["moving"])
+        for key in self.key_iterator(d):
+            aff = d[key].affine.clone()
+            aff[:3, 3] += torch.as_tensor(shift, dtype=aff.dtype)
+            d[key].affine = aff
+        d["world_shift"] = torch.as_tensor(shift, dtype=torch.float64)
+        return d
+
+
+def _describe_grid(img: MetaTensor) -> str:
+    aff = np.asarray(img.affine, np.float64)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    codes = "".join(nib.orientations.aff2axcodes(aff))
+    return (
+        f"shape {tuple(img.shape[1:])}, spacing {tuple(np.round(spacing, 3).tolist())} mm, {codes}, "
+        f"origin {tuple(np.round(aff[:3, 3], 2).tolist())}"
+    )
+
+
+def grid_distance_mm(a: MetaTensor, b: MetaTensor) -> float:
+    """Largest distance (mm) between the world positions the two grids give the same corner voxel.
+
+    One number for every part of the geometry: spacing, direction and origin (inf if shapes differ).
+    """
+    if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+        return float("inf")
+    corners = np.array(np.meshgrid(*[[0, s - 1] for s in a.shape[1:]], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    diff = (np.asarray(a.affine, np.float64) - np.asarray(b.affine, np.float64)) @ corners
+    return float(np.linalg.norm(diff[:3], axis=0).max())
+
+
+class CheckSameGridd(MapTransform):
+    """Preprocessed inputs: every scan of the pair must already be on the fixed scan's grid.
+
+    Registration is then array to array, which is right only when the arrays share the whole
+    geometry (shape, spacing, direction, origin); scans of the same shape stored LPS and RAS
+    would otherwise be registered mirrored.
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[str] = ("moving", *SEG.values(), *PSEUDO.values()),
+        tolerance_mm: float = 0.1,
+        allow_missing_keys: bool = True,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.tolerance_mm = float(tolerance_mm)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        ref = d["fixed"]
+        for key in self.key_iterator(d):
+            dist = grid_distance_mm(d[key], ref)
+            if dist > self.tolerance_mm:
+                raise InputError(
+                    f"{d.get(f'path_{key}', key)} ({_describe_grid(d[key])}) is not on the grid of the fixed scan "
+                    f"{d.get('path_fixed', '')} ({_describe_grid(ref)}); preprocessed pairs are registered array "
+                    "to array: pass preprocessed=False to resample from the affines"
+                    + (f" (grids differ by up to {dist:.3g} mm)" if np.isfinite(dist) else "")
+                )
         return d

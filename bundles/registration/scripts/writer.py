@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from scripts import fields as F
+from scripts import fields
 from scripts.atomic import atomic_write
+from scripts.fields import ddf_of
 from scripts.metrics import LABELS, jacobian_determinant, pair_metrics, warp_labels, write_json, write_results
-from scripts.pair_loading import SEG
 from scripts.qc import qc_figure
-from scripts.training import ddf_of
+from scripts.transforms import SEG
 
 __all__ = ["RegistrationWriter"]
 
@@ -133,7 +133,7 @@ class RegistrationWriter:
                 extra["runtime_s"] = float(runtimes[b])
             elif "time_field_s" in timing:
                 extra["runtime_s"] = timing["time_field_s"] / ddf.shape[0]
-            self.rows.append(self.write_pair(batch, b, F.ddf_to_l2r(ddf[b]), extra))
+            self.rows.append(self.write_pair(batch, b, fields.ddf_to_l2r(ddf[b]), extra))
         if self.release_batch:  # else the engine holds this pair while the next one is loaded
             engine.state.batch = engine.state.output = None
 
@@ -172,7 +172,7 @@ class RegistrationWriter:
         fixed, moving = fixed_img[0].numpy(), batch["moving"][b, 0].numpy()
         shift = batch.get("world_shift")
         shift = None if shift is None else np.asarray(shift[b], np.float64)
-        tag = F.pair_tag(fixed_path, moving_path)
+        tag = fields.pair_tag(fixed_path, moving_path)
         pair_dir = self.output_dir / "pairs" / tag
         if self.write_fields:  # score the field as written (float16 rounding), as the evaluator reads it
             field = field.astype(self.field_dtype).astype(np.float32)
@@ -180,19 +180,19 @@ class RegistrationWriter:
         moving_seg = (
             np.rint(batch[SEG["moving"]][b, 0].numpy()).astype(np.uint8) if SEG["moving"] in batch else None
         )
-        warped = F.warp_image(moving, field, cval=self.pad_value)
+        warped = fields.warp_image(moving, field, cval=self.pad_value)
         warped_seg = warp_labels(moving_seg, field) if moving_seg is not None else None
         t_warp = time.perf_counter()
         jobs: list[Callable[[], object]] = []
         if self.write_fields:
-            name = F.field_name(fixed_path, moving_path, short=self.short_names, ext=self.field_ext)
+            name = fields.field_name(fixed_path, moving_path, short=self.short_names, ext=self.field_ext)
             jobs.append(
-                partial(F.save_l2r_field, self.submission_dir / name, field, self.field_dtype, affine)
+                partial(fields.save_l2r_field, self.submission_dir / name, field, self.field_dtype, affine)
             )
         if self.write_itk:
             jobs.append(
                 partial(
-                    F.save_itk_displacement,
+                    fields.save_itk_displacement,
                     pair_dir / "itk_displacement.nii.gz",
                     field,
                     affine,
@@ -203,11 +203,14 @@ class RegistrationWriter:
         if self.write_images:
             jobs.append(
                 partial(
-                    F.save_nifti, pair_dir / "warped_image.nii.gz", np.round(warped).astype(np.int16), affine
+                    fields.save_nifti,
+                    pair_dir / "warped_image.nii.gz",
+                    np.round(warped).astype(np.int16),
+                    affine,
                 )
             )
             if warped_seg is not None:
-                jobs.append(partial(F.save_nifti, pair_dir / "warped_label.nii.gz", warped_seg, affine))
+                jobs.append(partial(fields.save_nifti, pair_dir / "warped_label.nii.gz", warped_seg, affine))
         files = [self._files(jobs)]
         det = jacobian_determinant(field)  # for the metrics and the QC figure
         if self.write_qc:
@@ -287,5 +290,7 @@ class RegistrationWriter:
         data = write_results(self.output_dir, self.rows, self.metrics_name, {"method": self.method})
         logger.info("summary: %s", data["summary"])
         if self.write_fields and self.make_zip:  # this run's fields (every process's), no earlier run's
-            names = [F.field_name(r["fixed"], r["moving"], self.short_names, self.field_ext) for r in rows]
+            names = [
+                fields.field_name(r["fixed"], r["moving"], self.short_names, self.field_ext) for r in rows
+            ]
             _zip_files(self.submission_dir, names, self.output_dir / "submission.zip")

@@ -2,7 +2,7 @@
 
 MONAI's ``CheckpointSaver`` writes with ``atomic=False`` and Ignite removes checkpoint N before
 N+1 is written, so a kill during the write leaves nothing to resume from. ``AtomicCheckpointSaver``
-writes every file atomically (``files.atomic_write``) and removes the files it supersedes only
+writes every file atomically (``atomic.atomic_write``) and removes the files it supersedes only
 once the new one is complete; that includes ``checkpoint_epoch=N.pt`` files of earlier runs (a
 resumed run starts from one, which Ignite does not know about).
 """
@@ -22,7 +22,7 @@ from ignite.engine import Engine
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
-from .files import atomic_write
+from .atomic import atomic_write
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "run_unless_finished"]
 
@@ -41,7 +41,7 @@ class _WriteThenRemove(BaseSaveHandler):
         if idist.get_rank() != 0:  # as MONAI's DiskSaver: rank 0 writes
             return
         name = self.filename or filename  # MONAI's fixed names (``model.pt``) replace Ignite's
-        atomic_write(self.dirname / name, lambda f: torch.save(checkpoint, f))
+        atomic_write(self.dirname / name, lambda tmp: torch.save(checkpoint, tmp))
         self.kept.add(name)
         series = _SERIES.match(name)
         if series and self.prune:  # the same series, not kept by Ignite (n_saved) or left by an earlier run

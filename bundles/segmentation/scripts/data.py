@@ -37,14 +37,14 @@ def _resolve(item: dict, base: Path) -> dict:
 
 
 def _check_grid(items: list[dict], data: dict, datalist: Path) -> None:
-    """Every image on the grid the datalist states (``spacing``/``shape``, when it states one).
+    """Every image on the grid the datalist states (``pixdim``/``spatial_size``, when it states one).
 
     An image on another grid means its preprocessing was re-run with other settings and not
     completed: say which file, rather than fail later on a tensor size.
     """
-    if "spacing" not in data or "shape" not in data:
+    if "pixdim" not in data or "spatial_size" not in data:
         return
-    spacing, shape = np.asarray(data["spacing"], float), tuple(int(v) for v in data["shape"])
+    spacing, shape = np.asarray(data["pixdim"], float), tuple(int(v) for v in data["spatial_size"])
     for it in items:
         for key in ("image", "label"):
             if not isinstance(it.get(key), str) or not Path(it[key]).is_file():

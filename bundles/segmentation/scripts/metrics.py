@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from .files import atomic_write_text
+from .atomic import atomic_write_text
 
 __all__ = ["organ_names", "write_organ_dice"]
 

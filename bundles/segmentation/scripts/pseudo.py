@@ -8,12 +8,13 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from .atomic import atomic_write, atomic_write_text
 from .data import PATH_KEYS, plain_name
-from .files import atomic_write, atomic_write_text, nifti_bytes
 
 __all__ = ["pseudo_label_path", "SaveLabelMapd", "write_pseudo_datalist"]
 
@@ -70,8 +71,10 @@ class SaveLabelMapd(MapTransform):
             source = getattr(img, "meta", {}).get("filename_or_obj", "case")
             case = d.get("case") or re.sub(r"(\.nii)?(\.gz)?$", "", Path(str(source)).name)
             out = pseudo_label_path(self.output_dir, str(d.get("cohort", "default")), str(case), self.folder)
-            data = nifti_bytes(np.rint(arr).astype(np.uint8), affine)
-            atomic_write(out, lambda f, data=data: f.write(data))
+            image = nib.Nifti1Image(np.rint(arr).astype(np.uint8), affine)
+            image.set_qform(affine, code=1)
+            image.set_sform(affine, code=1)
+            atomic_write(out, lambda tmp, image=image: nib.save(image, tmp))
             d[self.path_key] = str(out)
         return d
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..files import atomic_path, write_text
+from ..atomic import atomic_write, atomic_write_text
 from .dicom import write_dicom_series
 from .phantom import ORGANS, PRESETS, TISSUE_IDS, Preset, acquire, render, sample_subject
 
@@ -120,12 +120,11 @@ ALL_COHORTS = ("l2r", *COHORTS)
 
 
 def _atomic_save_nifti(img: nib.Nifti1Image, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _atomic_write_json(obj, path: Path) -> None:
-    write_text(path, json.dumps(obj, indent=2))
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _nifti(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

@@ -11,7 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from ..files import atomic_path
+from ..atomic import atomic_write
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -23,9 +23,12 @@ def write_dicom_series(
 
     The folder is written under a temporary name and renamed, so a series is complete or absent.
     """
-    with atomic_path(folder) as tmp:
+
+    def write(tmp: Path) -> None:
         tmp.mkdir()
         _write_slices(volume, affine_ras, tmp, patient_id, seed)
+
+    atomic_write(folder, write)
 
 
 def _write_slices(volume: np.ndarray, affine_ras: np.ndarray, tmp: Path, patient_id: str, seed: int) -> None:

@@ -31,15 +31,16 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.utils.others.generic import name_to_device
 
+from abdoreg.bundles import bundle_command, bundle_env
 from lib.request_checks import client_error, path_inside, volume_problem
 
 logger = logging.getLogger(__name__)
 
-# The bundle configs of one inference run, merged in order (MONAI's list form when more than one).
-REGISTRATION_CONFIGS: tuple[str, ...] = ("configs/inference.json",)
+# The bundle configs of one inference run (file names under the bundle's configs/, merged in order).
+REGISTRATION_CONFIGS: tuple[str, ...] = ("inference.json",)
 # `network_data_format.outputs.pred.format` of a registration bundle's metadata.
 FIELD_FORMAT = "displacement field"
-# The bundle's error for bad input (`scripts.inputs.InputError`): its message names the file.
+# The bundle's error for bad input (`scripts.errors.InputError`): its message names the file.
 INPUT_ERROR = re.compile(r"InputError: (.+)")
 
 
@@ -98,11 +99,13 @@ class RegistrationInferTask(InferTask):
         self.ckpt_path = self.path / "models" / "model.pt"
 
     def is_valid(self) -> bool:
-        return self.ckpt_path.is_file() and all((self.path / c).is_file() for c in self.configs)
+        return self.ckpt_path.is_file() and all((self.path / "configs" / c).is_file() for c in self.configs)
 
     def why_invalid(self) -> str:
         missing = [
-            str(p) for p in (self.ckpt_path, *(self.path / c for c in self.configs)) if not p.is_file()
+            str(p)
+            for p in (self.ckpt_path, *(self.path / "configs" / c for c in self.configs))
+            if not p.is_file()
         ]
         return f"missing {', '.join(missing)}" if missing else ""
 
@@ -152,25 +155,18 @@ class RegistrationInferTask(InferTask):
     # ------------------------------------------------------------------------------------------
     def command(self, pair: dict[str, str], output_dir: Path, device: str | None = None) -> list[str]:
         """``python -m monai.bundle run`` of the bundle's inference config on one raw pair."""
-        files = [str(self.path / c) for c in self.configs]
-        cmd = [self.python, "-m", "monai.bundle", "run"]
-        cmd += ["--config_file", files[0] if len(files) == 1 else json.dumps(files)]
-        cmd += ["--bundle_root", str(self.path), "--meta_file", str(self.path / "configs" / "metadata.json")]
-        logging_conf = self.path / "configs" / "logging.conf"
-        if logging_conf.is_file():
-            cmd += ["--logging_file", str(logging_conf)]
-        for key, value in pair.items():
-            cmd += [f"--{key}", value]
-        cmd += ["--output_dir", str(output_dir), "--ckpt_path", str(self.ckpt_path), "--make_zip", "False"]
+        overrides = {
+            **pair,
+            "output_dir": str(output_dir),
+            "ckpt_path": str(self.ckpt_path),
+            "make_zip": "False",
+        }
         if device:
-            cmd += ["--device", f"$torch.device('{device}')"]
-        return cmd
+            overrides["device"] = f"$torch.device('{device}')"
+        return bundle_command(self.path, self.configs, overrides, python=self.python)
 
     def _run(self, cmd: list[str], cwd: Path) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.path), os.environ.get("PYTHONPATH")])),
-        }
+        env = bundle_env(self.path)
         logger.info("registration: %s", " ".join(cmd))
         try:
             proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=self.timeout)

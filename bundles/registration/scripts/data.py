@@ -1,41 +1,28 @@
 """Training and validation pairs from the preprocessed datalist (see data/README.md).
 
-Cases are loaded and cached once (``CacheDataset`` in memory, or ``PersistentDataset`` on disk,
-HU kept as int16 and labels as uint8 so that many cohorts fit); a pair is then assembled from
-two cached cases on the fly, so the number of possible pairs (quadratic in the cases) costs
-nothing to cache. Training pairs are random inter-patient pairs drawn with per-cohort weights,
-then ONE random crop is applied to both images and labels; validation pairs are the fixed
-``registration_val`` list at full volume.
+Cases are loaded and cached once (``train.json``: a MONAI ``CacheDataset`` of the ``case_load``
+transforms, HU kept as int16 and labels as uint8 so that many cohorts fit); ``PairDataset`` then
+assembles a pair from two cached cases on the fly, so the number of possible pairs (quadratic in the
+cases) costs nothing to cache, and applies the pair transforms (one random crop for both images and
+labels, the CT windows). Training pairs are random inter-patient pairs drawn with per-cohort weights;
+validation pairs are the fixed ``registration_val`` list at full volume. MONAI has no dataset of pairs
+drawn from one cache, hence ``PairDataset``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, Dataset, PersistentDataset
-from monai.transforms import CastToTyped, Compose, EnsureTyped, LoadImaged, MapTransform, RandSpatialCropd
 
 from scripts.metrics import NUM_ORGANS
 
-__all__ = [
-    "PAIR_KEYS",
-    "load_cases",
-    "load_val_pairs",
-    "case_weights",
-    "case_transforms",
-    "case_dataset",
-    "PairDataset",
-    "pair_crop_transforms",
-]
-
-# keys of one pair item: images, integer labels and the annotated vectors of both cases
-PAIR_KEYS = ("moving", "fixed", "moving_label", "fixed_label")
+__all__ = ["datalist_grid", "load_cases", "load_val_pairs", "case_weights", "PairDataset"]
 
 
 def _read(datalist: str | os.PathLike) -> tuple[dict, Path]:
@@ -49,6 +36,16 @@ def _abs(root: Path, p: str | None) -> str | None:
         return None
     q = Path(os.path.expanduser(p))
     return str(q if q.is_absolute() else (root / q).resolve())
+
+
+def datalist_grid(datalist: str | os.PathLike) -> dict:
+    """The grid a datalist states (``pixdim``, ``spatial_size``, as the preprocessing bundle writes them); empty
+    when it states none or cannot be read (the training itself then reports the file)."""
+    try:
+        data, _ = _read(datalist)
+    except (OSError, ValueError):
+        return {}
+    return {k: data[k] for k in ("pixdim", "spatial_size") if isinstance(data.get(k), list)}
 
 
 def load_cases(
@@ -152,65 +149,6 @@ def case_weights(cases: Sequence[Mapping], cohort_weights: Mapping[str, float] |
     return torch.as_tensor(w / w.sum(), dtype=torch.float64)
 
 
-class EnsureLabeld(MapTransform):
-    """Give unlabelled cases an all-zero label map so that every batch collates the same keys."""
-
-    def __init__(self, image_key: str = "image", label_key: str = "label") -> None:
-        super().__init__([label_key], allow_missing_keys=True)
-        self.image_key, self.label_key = image_key, label_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        if d.get(self.label_key) is None:
-            img = d[self.image_key]
-            d[self.label_key] = torch.zeros((1, *img.shape[1:]), dtype=torch.uint8)
-        return d
-
-
-def case_transforms(with_labels: bool = True) -> Compose:
-    """Load one case (channel first), HU as int16 and labels as uint8 to keep the cache small."""
-    keys = ["image", "label"] if with_labels else ["image"]
-    xs: list = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True, allow_missing_keys=True)]
-    if with_labels:
-        xs.append(EnsureLabeld())
-    xs += [
-        CastToTyped(keys=keys, dtype=[torch.int16, torch.uint8][: len(keys)], allow_missing_keys=True),
-        EnsureTyped(keys=keys, track_meta=False, allow_missing_keys=True),
-    ]
-    return Compose(xs)
-
-
-def case_dataset(
-    cases: Sequence[dict],
-    transform: Callable,
-    cache_rate: float = 1.0,
-    cache_dir: str | None = None,
-    num_workers: int | None = 0,
-) -> Dataset:
-    """Cached cases: on disk with ``cache_dir`` (``PersistentDataset``), else in memory (``CacheDataset``)."""
-    if cache_dir:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(list(cases), transform=transform, cache_dir=cache_dir)
-    if cache_rate <= 0:
-        return Dataset(list(cases), transform=transform)
-    return CacheDataset(
-        list(cases), transform=transform, cache_rate=cache_rate, num_workers=num_workers, progress=False
-    )
-
-
-def pair_crop_transforms(
-    crop_size: Sequence[int] | None, windowing: Callable | None = None, with_labels: bool = True
-) -> Compose:
-    """ONE random crop (same box for both images and labels, ``None`` = full volume), then windowing."""
-    keys = list(PAIR_KEYS if with_labels else PAIR_KEYS[:2])
-    xs: list = []
-    if crop_size is not None:
-        xs.append(RandSpatialCropd(keys=keys, roi_size=list(crop_size), random_size=False))
-    if windowing is not None:
-        xs.append(windowing)
-    return Compose(xs)
-
-
 class PairDataset(torch.utils.data.Dataset):
     """Pairs of cached cases: random ``(moving, fixed)`` draws, or a fixed list of index pairs.
 
@@ -221,7 +159,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        cases: Dataset,
+        cases: Sequence[Mapping],
         transform: Callable | None = None,
         pairs: Sequence[tuple[int, int]] | None = None,
         probs: torch.Tensor | None = None,

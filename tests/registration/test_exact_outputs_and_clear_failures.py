@@ -1,4 +1,4 @@
-"""Trustworthy outputs of the registration bundle (issue #12): no lost checkpoint, no silent wrong
+"""Exact outputs and clear failures of the registration bundle: no lost checkpoint, no silent wrong
 result, errors that name the file. The inference configs run in this process (``ConfigParser``, as
 ``monai.bundle run`` builds them) to stay cheap; a stand-in network returns a KNOWN displacement so
 that an axis, sign or unit error anywhere between the network and the written files shows."""
@@ -26,10 +26,11 @@ F = import_bundle_module("registration", "scripts.fields")
 S = import_bundle_module("registration", "scripts.syn")
 M = import_bundle_module("registration", "scripts.metrics")
 training = import_bundle_module("registration", "scripts.training")
-pairs_mod = import_bundle_module("registration", "scripts.pairs")
+data = import_bundle_module("registration", "scripts.data")
 networks = import_bundle_module("registration", "scripts.networks")
 ckpts = import_bundle_module("registration", "scripts.checkpoints")
-inputs = import_bundle_module("registration", "scripts.inputs")
+weights = import_bundle_module("registration", "scripts.weights")
+errors = import_bundle_module("registration", "scripts.errors")
 
 ROOT = bundle_dir("registration")
 CONFIGS = ROOT / "configs"
@@ -50,7 +51,10 @@ class ShiftNet(torch.nn.Module):
 
 
 def shift_net(shift=SHIFT) -> dict:
-    return {"_target_": "tests.registration.test_trust.ShiftNet", "shift": list(shift)}
+    return {
+        "_target_": "tests.registration.test_exact_outputs_and_clear_failures.ShiftNet",
+        "shift": list(shift),
+    }
 
 
 def run_configs(configs: list[str], overrides: dict) -> None:
@@ -126,7 +130,7 @@ TAG = "0001_0000_0002_0000"
 
 
 def test_known_shift_fields_images_and_metrics(shift_pair, shifted_run):
-    """Case 23: a known non-zero displacement comes out right in voxels, in mm (ITK), in the warped
+    """a known non-zero displacement comes out right in voxels, in mm (ITK), in the warped
     image and labels, and in the metrics."""
     fixed = nib.load(shift_pair / "images/ShiftCT_0001_0000.nii.gz")
     fixed_lab = np.asarray(nib.load(shift_pair / "labels/ShiftCT_0001_0000.nii.gz").dataobj)
@@ -163,7 +167,7 @@ def test_known_shift_fields_images_and_metrics(shift_pair, shifted_run):
 
 
 def test_known_shift_from_a_field_folder(shift_pair, shifted_run, tmp_path):
-    """Case 23: the same shift read from a folder of Learn2Reg fields is scored the same."""
+    """the same shift read from a folder of Learn2Reg fields is scored the same."""
     fields = tmp_path / "fields"
     shape = nib.load(shift_pair / "images/ShiftCT_0001_0000.nii.gz").shape
     F.save_l2r_field(fields / f"disp_{TAG}.npz", np.broadcast_to(SHIFT, (*shape, 3)).astype(np.float32))
@@ -185,7 +189,7 @@ def test_known_shift_from_a_field_folder(shift_pair, shifted_run, tmp_path):
 
 
 def test_inference_docs_list_the_written_files(shifted_run):
-    """Case 19: every path in the docs' inference output table is where inference writes it (a bare
+    """every path in the docs' inference output table is where inference writes it (a bare
     file name after a path in the same cell is in that path's folder, as a reader takes it)."""
     text = (ROOT / "docs" / "README.md").read_text()
     table = text.split("Outputs (each file written atomically):", 1)[1].split("\n\n", 2)[1]
@@ -205,7 +209,7 @@ def test_inference_docs_list_the_written_files(shifted_run):
 # raw pairs: centre alignment from the original geometry
 # ---------------------------------------------------------------------------------------------
 def test_same_scan_other_orientation_registers_to_itself(tmp_path):
-    """Case 13: one scan given RAS-stored and LPS-stored at the same world position: identity Dice 1.0,
+    """one scan given RAS-stored and LPS-stored at the same world position: identity Dice 1.0,
     with centre alignment on and a grid whose crop moves the fixed centre by half a voxel."""
     _scan(tmp_path / "img_f.nii.gz", False, (4.0, 4.0, 4.0), (40, 32, 48), (10, -20, 30))
     _scan(tmp_path / "img_m.nii.gz", True, (4.0, 4.0, 4.0), (40, 32, 48), (10, -20, 30))
@@ -258,7 +262,7 @@ def _refused(small_scans: Path, tmp_path: Path, pairs: list[dict]) -> tuple[str,
 
 
 def test_same_file_names_in_two_folders_are_refused(small_scans, tmp_path):
-    """Case 2: two pairs that would get the same output names are refused before the first is written."""
+    """two pairs that would get the same output names are refused before the first is written."""
     pairs = [{"fixed": f"{s}/img_ct.nii.gz", "moving": "img_m.nii.gz"} for s in ("p1", "p2")]
     pairs = [{k: str(small_scans / v) for k, v in p.items()} for p in pairs]
     text, out = _refused(small_scans, tmp_path, pairs)
@@ -267,7 +271,7 @@ def test_same_file_names_in_two_folders_are_refused(small_scans, tmp_path):
 
 
 def test_missing_file_is_found_before_the_first_pair(small_scans, tmp_path):
-    """Case 17: a pair list naming a missing file stops before the first (good) pair is registered."""
+    """a pair list naming a missing file stops before the first (good) pair is registered."""
     missing = str(small_scans / "img_gone.nii.gz")
     pairs = [
         {"fixed": str(small_scans / "p1/img_ct.nii.gz"), "moving": str(small_scans / "img_m.nii.gz")},
@@ -278,7 +282,7 @@ def test_missing_file_is_found_before_the_first_pair(small_scans, tmp_path):
 
 
 def test_preprocessed_pair_on_another_grid_is_refused(small_scans, tmp_path):
-    """Case 3: same shape, other orientation (LPS vs RAS): not registered array to array, both files named."""
+    """same shape, other orientation (LPS vs RAS): not registered array to array, both files named."""
     pair = {"fixed": str(small_scans / "p1/img_ct.nii.gz"), "moving": str(small_scans / "img_lps.nii.gz")}
     text, out = _refused(small_scans, tmp_path, [pair])
     assert pair["fixed"] in text and pair["moving"] in text and "preprocessed=False" in text
@@ -286,7 +290,7 @@ def test_preprocessed_pair_on_another_grid_is_refused(small_scans, tmp_path):
 
 
 def test_second_run_zips_only_its_own_fields(small_scans, tmp_path):
-    """Case 4: a rerun into the same output folder for other pairs zips only this run's fields."""
+    """a rerun into the same output folder for other pairs zips only this run's fields."""
     out = tmp_path / "out"
     first = [{"fixed": str(small_scans / "p1/img_ct.nii.gz"), "moving": str(small_scans / "img_m.nii.gz")}]
     second = [{"fixed": str(small_scans / "img_m.nii.gz"), "moving": str(small_scans / "p1/img_ct.nii.gz")}]
@@ -326,7 +330,7 @@ def _killed_save(obj, f, *args, **kwargs):
 
 @pytest.mark.parametrize("name", ["train", "validate"])
 def test_checkpoint_killed_while_saving_keeps_the_last_one(name, tmp_path, monkeypatch):
-    """Case 1: a run killed while writing epoch 3's checkpoint (``checkpoint_epoch=N.pt``, or the best
+    """a run killed while writing epoch 3's checkpoint (``checkpoint_epoch=N.pt``, or the best
     ``model.pt``) keeps epoch 2's complete file, which a rerun finds."""
     import_bundle_module("registration", "scripts.checkpoints")
     net = torch.nn.Linear(2, 2)
@@ -357,9 +361,9 @@ def test_checkpoint_killed_while_saving_keeps_the_last_one(name, tmp_path, monke
 
 
 def test_rerun_removes_temp_files_and_earlier_checkpoints(tmp_path):
-    """Case 1: temp files of a killed save are removed, and a resumed run's new checkpoint replaces the
+    """temp files of a killed save are removed, and a resumed run's new checkpoint replaces the
     earlier run's (``n_saved`` 1): a later resume cannot pick a stale, higher epoch."""
-    (tmp_path / ".checkpoint_epoch=3.pt.k1ll3d.pt").write_bytes(b"partial")
+    (tmp_path / ".checkpoint_epoch=3.pt.999999999-0badc0de.tmp.pt").write_bytes(b"partial")  # a dead pid's
     torch.save({"model": {}}, tmp_path / "checkpoint_epoch=2.pt")
     (tmp_path / "checkpoint_epoch=9.pt").write_bytes(b"PK\x03\x04 truncated")  # a torn copy: never picked
     assert ckpts.latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=2.pt")
@@ -372,12 +376,16 @@ def test_rerun_removes_temp_files_and_earlier_checkpoints(tmp_path):
 
 @pytest.fixture(scope="module")
 def inference_net():
-    """The network ``inference.json`` builds, at channel multiplier 1."""
+    """The network ``inference.json`` builds from a checkpoint of the bundle's default (at width 1)."""
     import_bundle_module("registration", "scripts.networks")
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser["bundle_root"] = str(ROOT)
-    parser["channel_multiplier"] = 1
+    parser["network_def"] = {
+        "_target_": "scripts.networks.GradientRegNet",
+        "in_channels": 3,
+        "channel_multiplier": 1,
+    }
     return parser.get_parsed_content("network_def")
 
 
@@ -392,13 +400,13 @@ def _unet_state() -> dict:
     [
         ("multiplier", "pass --channel_multiplier 2"),
         ("single_window", "pass --multi_window False"),
-        ("displacement_heads", "pass --field displacement"),
+        ("displacement_heads", "pass --head_type displacement"),
         ("segmentation", "another network"),
         ("truncated", "truncated"),
     ],
 )
 def test_checkpoint_of_another_architecture_says_what_to_pass(kind, expected, inference_net, tmp_path):
-    """Case 15: which file, which setting differs, what to pass; a training checkpoint or a matching
+    """which file, which setting differs, what to pass; a training checkpoint or a matching
     model.pt loads."""
     path = tmp_path / "model.pt"
     if kind == "multiplier":
@@ -407,7 +415,9 @@ def test_checkpoint_of_another_architecture_says_what_to_pass(kind, expected, in
         torch.save(networks.GradientRegNet(in_channels=1, channel_multiplier=1).state_dict(), path)
     elif kind == "displacement_heads":  # same shapes: only the saved mark tells the two apart
         torch.save(
-            networks.GradientRegNet(in_channels=3, channel_multiplier=1, field="displacement").state_dict(),
+            networks.GradientRegNet(
+                in_channels=3, channel_multiplier=1, head_type="displacement"
+            ).state_dict(),
             path,
         )
     elif kind == "segmentation":
@@ -415,12 +425,12 @@ def test_checkpoint_of_another_architecture_says_what_to_pass(kind, expected, in
     else:
         torch.save(inference_net.state_dict(), path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(inputs.InputError) as info:
-        ckpts.checkpoint_handlers(str(path), inference_net, True, "cpu", 1)
+    with pytest.raises(errors.InputError) as info:
+        weights.checkpoint_handlers(str(path), inference_net, True, "cpu")
     assert str(path) in str(info.value) and expected in str(info.value), str(info.value)
     torch.save({"model": inference_net.state_dict(), "epoch": 3}, tmp_path / "checkpoint_epoch=3.pt")
     assert (
-        len(ckpts.checkpoint_handlers(str(tmp_path / "checkpoint_epoch=3.pt"), inference_net, True, "cpu", 1))
+        len(weights.checkpoint_handlers(str(tmp_path / "checkpoint_epoch=3.pt"), inference_net, True, "cpu"))
         == 1
     )
 
@@ -429,14 +439,14 @@ def test_checkpoint_of_another_architecture_says_what_to_pass(kind, expected, in
 # training: errors and model selection
 # ---------------------------------------------------------------------------------------------
 def test_one_case_says_two_are_needed(tiny_preprocessed):
-    """Case 20: no cohort weights and one case: the message says that pairs need two cases."""
-    cases = pairs_mod.load_cases(tiny_preprocessed, "training", cohorts=["l2r"])[:1]
+    """no cohort weights and one case: the message says that pairs need two cases."""
+    cases = data.load_cases(tiny_preprocessed, "training", cohorts=["l2r"])[:1]
     with pytest.raises(ValueError, match="at least two cases"):
-        pairs_mod.case_weights(cases, None)
+        data.case_weights(cases, None)
 
 
 def test_model_selection_dice_is_the_evaluation_dice(tiny_preprocessed):
-    """Case 24: the validation Dice that picks model.pt equals the reported evaluation's DSC per organ
+    """the validation Dice that picks model.pt equals the reported evaluation's DSC per organ
     (scripts.metrics: map_coordinates order 0), at ties (half-voxel shifts), at the scan border and on
     a smooth non-identity field of the bundle's network."""
     data = json.loads(Path(tiny_preprocessed).read_text())
@@ -480,7 +490,7 @@ for run in ("a", "b"):
 
 
 def test_seeded_syn_run_is_reproducible(tmp_path):
-    """Case 14: the SyN baseline config run twice with its random_seed writes the same field (in a fresh
+    """the SyN baseline config run twice with its random_seed writes the same field (in a fresh
     process, as a user runs it: ITK fixes its thread count at the first registration of a process)."""
     import subprocess
     import sys

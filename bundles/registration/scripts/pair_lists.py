@@ -1,4 +1,4 @@
-"""Where the pairs to register come from, and the error every stage raises for bad input.
+"""Where the pairs to register come from.
 
 Sources: one pair on the command line, our datalist or a Learn2Reg ``AbdomenCTCT_dataset.json``,
 or the Learn2Reg 2020 pairs CSV. Paths come back absolute, so later stages never depend on the
@@ -12,31 +12,14 @@ import json
 import os
 from pathlib import Path
 
+from scripts.errors import InputError
 from scripts.fields import field_name, pair_tag
 
-__all__ = [
-    "InputError",
-    "IMAGE_KEYS",
-    "LABEL_KEYS",
-    "PSEUDO_KEYS",
-    "load_pairs",
-    "check_pairs",
-    "attach_pseudo_labels",
-    "as_flag",
-]
+__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "PSEUDO_KEYS", "load_pairs", "check_pairs", "attach_pseudo_labels"]
 
 IMAGE_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
 PSEUDO_KEYS = ("fixed_pseudo", "moving_pseudo")  # predicted labels (segmentation bundle), optional
-
-
-class InputError(ValueError):
-    """Bad input for a pair; the message names the file and the reason."""
-
-
-def as_flag(value: bool | str | int) -> bool:
-    """A config switch as a bool: MONAI's CLI (fire) passes ``--x false`` as the text "false"."""
-    return str(value).strip().lower() not in ("false", "0", "no", "none", "")
 
 
 def _resolve(path: str | None, root: Path) -> str | None:
