@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import abdoreg.pipeline as pipeline
+import abdoreg.bundles as bundles
 from abdoreg.pipeline import Runner, load_pipeline, stage_stamp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ def test_the_stamp_covers_the_code_a_stage_runs(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     for bundle in ("preprocessing", "segmentation"):
         shutil.copytree(REPO / "bundles" / bundle, repo / "bundles" / bundle)
-    monkeypatch.setattr(pipeline, "REPO", repo)
+    monkeypatch.setattr(bundles, "BUNDLES", repo / "bundles")
     _, stages = load_pipeline(TINY, tmp_path / "work")
     pre = next(s for s in stages if s.bundle == "preprocessing")
     seg = next(s for s in stages if s.bundle == "segmentation")
@@ -111,7 +111,7 @@ _DRIVER = f"""
 import sys
 import abdoreg.pipeline as pipeline
 from abdoreg.cli import main
-pipeline.bundle_command = lambda stage: [sys.executable, "-c", {_STAGE!r}]
+pipeline.bundle_command = lambda *args, **kwargs: [sys.executable, "-c", {_STAGE!r}]
 sys.argv = ["abdoreg", "pipeline", "run", "--config", sys.argv[1], "--work", sys.argv[2]]
 main()
 """

@@ -220,6 +220,7 @@ def test_finetune_starts_from_an_exported_archive(exported, tiny_preprocessed, t
         progress_bar=False,
         learning_rate=0.01,
         channel_multiplier=1,
+        downsample=1,
     )
     wf.initialize()
     trainer, net = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("network")

@@ -175,7 +175,11 @@ def _signature(path: Path) -> list:
     files = (
         [path]
         if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        else sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     )
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
@@ -187,7 +191,7 @@ def stage_code(stage: Stage) -> dict[str, str]:
         files = list((root / "scripts").rglob("*.py"))
     else:
         root = Path(__file__).resolve().parent
-        files = [root / "steps.py", root / "files.py", *(root / "synth").rglob("*.py")]
+        files = [root / "steps.py", root / "atomic.py", *(root / "synth").rglob("*.py")]
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
 
 

@@ -1,10 +1,11 @@
 """The one atomic-write helper: an output appears complete or not at all, whenever the process dies.
 
-``atomic_write(path, write)`` calls ``write(tmp)`` on a hidden temporary path in the target's folder,
-``.<name>.<pid>-<random>.tmp<ext>``, then renames it over ``path`` in one step. The target's extension
-is kept at the end because some writers choose the format from it (``.nii.gz``, ``.png``, ``.pt``); no
-output pattern (``*.nii.gz``, ``checkpoint_epoch=N.pt``, ``datalist_*.json``) matches a hidden name. The
-temporary path may become a file or a folder. ``remove_stale_temps`` deletes what a killed process left.
+``atomic_write(path, write)`` calls ``write(tmp)``, where ``tmp`` has the target's own name inside a hidden
+folder beside it (``.tmp-<pid>-<random>/<name>``), then renames ``tmp`` over ``path`` in one step. The name
+keeps its extension because some writers choose the format from it (``.nii.gz``, ``.png``, ``.npz``), and
+no reader of the target's folder sees it: ``*.nii.gz`` or ``checkpoint_epoch=N.pt`` in that folder match no
+file inside a subfolder. ``tmp`` may become a file or a folder. ``remove_stale_temps`` deletes what a killed
+process left.
 
 This file is the same, byte for byte, in every bundle and in ``tools/abdoreg`` (a bundle imports nothing
 from outside its folder; a test keeps the copies equal).
@@ -21,14 +22,8 @@ from pathlib import Path
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "is_temp_name", "remove_stale_temps"]
 
-# mkstemp-like modes would leave outputs readable by the owner only; outputs get 0o666 minus the umask.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_TEMP = re.compile(r"^\..+\.(?P<pid>\d+)-[0-9a-f]+\.tmp(\.[^/]*)?$")
-
-
-def _extension(name: str) -> str:
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+# ``.tmp-<pid>-<random>`` (this module), and ``.<name>.<pid>.tmp`` files of earlier versions
+_TEMP = re.compile(r"^\.tmp-(?P<pid>\d+)-.+$|^\..+\.(?P<old_pid>\d+)\.tmp$")
 
 
 def _remove(path: Path) -> None:
@@ -42,18 +37,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     """Create ``path`` through ``write(tmp)`` (a file or a folder at ``tmp``); on error nothing is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{_extension(path.name)}")
+    folder = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    folder.mkdir()
+    tmp = folder / path.name
     try:
         write(tmp)
-        if tmp.is_dir():
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
-        else:
-            os.chmod(tmp, 0o666 & ~_UMASK)
+        if tmp.is_dir() and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # os.replace cannot replace a non-empty folder
         os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    finally:
+        _remove(folder)
     return path
 
 
@@ -68,7 +61,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def is_temp_name(name: str) -> bool:
-    """True for the temporary names ``atomic_write`` uses."""
+    """True for the temporary names ``atomic_write`` uses (a path with such a part is not an output)."""
     return bool(_TEMP.match(name))
 
 
@@ -90,7 +83,7 @@ def remove_stale_temps(folder: str | os.PathLike, recursive: bool = True) -> lis
     removed = []
     for path in list(folder.rglob(".*") if recursive else folder.glob(".*")):
         m = _TEMP.match(path.name)
-        if m and path.exists() and not _alive(int(m.group("pid"))):
+        if m and path.exists() and not _alive(int(m.group("pid") or m.group("old_pid"))):
             _remove(path)
             removed.append(path)
     return removed
