@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.bundle_import import REPO
@@ -12,10 +13,11 @@ from tests.bundle_import import REPO
 BUNDLES = ("registration", "segmentation", "preprocessing")
 
 
-def test_every_copy_of_the_atomic_write_helper_is_the_same():
-    """A bundle imports nothing outside its folder, so each holds the helper; the copies may not drift."""
-    copies = [REPO / "bundles" / b / "scripts" / "atomic.py" for b in BUNDLES] + [
-        REPO / "tools/abdoreg/atomic.py"
+@pytest.mark.parametrize("helper", ["atomic.py", "locks.py"])
+def test_every_copy_of_a_shared_helper_is_the_same(helper):
+    """A bundle imports nothing outside its folder, so each holds the helpers; the copies may not drift."""
+    copies = [REPO / "bundles" / b / "scripts" / helper for b in BUNDLES] + [
+        REPO / "tools" / "abdoreg" / helper
     ]
     texts = {path: path.read_text() for path in copies}
     assert len(set(texts.values())) == 1, [str(p) for p in copies]

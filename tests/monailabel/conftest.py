@@ -88,6 +88,10 @@ def studies(tmp_path_factory) -> Path:
         nib.save(nib.Nifti1Image((data + offset).astype(dtype), aff), folder / f"{MOVING_ID}.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((48, 40), np.int16), np.eye(4)), root / "flat_2d.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros((48, 40, 64, 3), np.int16), np.eye(4)), root / "series_4d.nii.gz")
+    bad = np.asarray(nib.load(labels / name).dataobj).astype(np.int16)  # a stored label with organ id 262
+    bad[bad == 1] = 262
+    shutil.copy(root / name, root / "bad_label_scan.nii.gz")
+    nib.save(nib.Nifti1Image(bad, nib.load(labels / name).affine), labels / "bad_label_scan.nii.gz")
     nan = np.zeros((48, 40, 64), np.float32)
     nan[10, 10, 10] = np.nan
     nib.save(nib.Nifti1Image(nan, np.diag([6.0, 6.0, 6.0, 1.0])), root / "nan_scan.nii.gz")

@@ -93,6 +93,12 @@ def test_registration_is_returned_not_saved_as_a_label(app, studies):
             422,
             "nan_scan.nii.gz: moving has 1 NaN or infinite voxels",
         ),
+        # a stored label map with an id outside the 13 organs: refused with the file and the id, not wrapped
+        (
+            {"model": "registration", "image": FIXED_ID, "moving": "bad_label_scan"},
+            422,
+            "label ids 262 are not organ ids 0..13",
+        ),
     ],
 )
 def test_bad_requests_get_4xx(app, request_, status, message):

@@ -342,8 +342,9 @@ pre.run_cohort(**json.loads(sys.argv[1]))
 
 
 def _hidden(path: Path) -> bool:
-    """A hidden file or folder, or one inside a hidden folder (where outputs are written before the rename)."""
-    return any(part.startswith(".") for part in path.parts)
+    """A hidden file or folder, or one inside a hidden folder (where outputs are written before the rename);
+    not the output folder's lock (``.lock``, held by the run that writes into the folder)."""
+    return any(part.startswith(".") for part in path.parts) and path.name != ".lock"
 
 
 def test_temporary_files_of_a_killed_run_are_never_read_and_are_removed(tiny_cohorts, tmp_path):

@@ -154,7 +154,7 @@ def test_inference_imports_nothing_of_training():
     code = (
         "import sys\nfrom monai.bundle import ConfigParser\n"
         f"p = ConfigParser(); p.read_config({str(CONFIGS / 'inference.json')!r}); p['bundle_root'] = '.'\n"
-        "p.get_parsed_content('network_def'); p.get_parsed_content('preprocessing'); p.get_parsed_content('writer')\n"
+        "p.get_parsed_content('network_def'); p.get_parsed_content('preprocessing')\n"
         "print(sorted(m for m in sys.modules if m.startswith('scripts')))\n"
     )
     root = bundle_dir("registration")

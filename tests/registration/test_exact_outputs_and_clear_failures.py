@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
-from tests.bundle_import import bundle_dir, import_bundle_module
+from tests.bundle_import import REPO, bundle_dir, import_bundle_module, run_bundle
 from tests.registration.test_inference import _scan
 
 F = import_bundle_module("registration", "scripts.fields")
@@ -289,23 +291,155 @@ def test_preprocessed_pair_on_another_grid_is_refused(small_scans, tmp_path):
     assert not (out / "submission").exists()
 
 
-def test_second_run_zips_only_its_own_fields(small_scans, tmp_path):
-    """a rerun into the same output folder for other pairs zips only this run's fields."""
+def test_another_run_into_the_same_output_folder_is_refused_or_replaces_it(small_scans, tmp_path):
+    """A second run with other pairs would mix its per-pair files, fields and tables with the first's: refused,
+    naming both; ``--overwrite True`` replaces the first run's results, and the zip holds only this run's
+    fields. A rerun of the same pairs is allowed."""
     out = tmp_path / "out"
     first = [{"fixed": str(small_scans / "p1/img_ct.nii.gz"), "moving": str(small_scans / "img_m.nii.gz")}]
     second = [{"fixed": str(small_scans / "img_m.nii.gz"), "moving": str(small_scans / "p1/img_ct.nii.gz")}]
-    for i, pairs in enumerate((first, second)):
+
+    def run(pairs, name, **extra):
+        pairs_file = str(write_pairs(tmp_path / f"{name}.json", pairs))
         run_configs(
             ["inference.json"],
-            {
-                "network_def": shift_net(),
-                "pairs_file": str(write_pairs(tmp_path / f"{i}.json", pairs)),
-                "output_dir": str(out),
-            },
+            {"network_def": shift_net(), "pairs_file": pairs_file, "output_dir": str(out), **extra},
         )
+
+    run(first, "first")
+    run(first, "again")  # the same pairs: a rerun
+    with pytest.raises(Exception) as info:
+        run(second, "second")
+    text = error_text(info.value)
+    assert "holds the results of another run" in text and "img_ct.nii.gz" in text and "--overwrite" in text
+    assert (out / "pairs" / "img_ct_img_m").is_dir(), "the refused run removed nothing"
+    run(second, "second", overwrite=True)
+    assert not (out / "pairs" / "img_ct_img_m").exists() and (out / "pairs" / "img_m_img_ct").is_dir()
     with zipfile.ZipFile(out / "submission.zip") as zf:
         assert zf.namelist() == ["disp_img_m_img_ct.nii.gz"]
     assert json.loads((out / "metrics.json").read_text())["summary"]["num_pairs"] == 1
+
+
+def test_an_input_where_an_output_goes_is_refused(small_scans, tmp_path):
+    """A scan that lies in the output folders of the run would be overwritten: refused before anything runs."""
+    out = tmp_path / "out"
+    inside = out / "pairs" / "img_ct_img_m" / "warped_image.nii.gz"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes((small_scans / "img_m.nii.gz").read_bytes())
+    before = inside.read_bytes()
+    text, _ = _refused(
+        small_scans, tmp_path, [{"fixed": str(small_scans / "p1/img_ct.nii.gz"), "moving": str(inside)}]
+    )
+    assert str(inside) in text and "where this run writes its outputs" in text
+    assert inside.read_bytes() == before
+
+
+@pytest.mark.parametrize("bad_id", [262, 200, -1])
+def test_label_ids_outside_the_organ_range_are_refused_naming_the_file(small_scans, tmp_path, bad_id):
+    """In an int16 label map id 262 would wrap to 6 (the spleen scored and written as liver), and id 200 would
+    silently drop an organ from the Dice: both, and negative ids, are an error naming the file and the ids."""
+    bad = tmp_path / "lab_bad.nii.gz"
+    img = nib.load(small_scans / "p1" / "lab_ct.nii.gz")
+    data = np.asarray(img.dataobj).astype(np.int16)
+    data[data == 1] = bad_id
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    pairs = [
+        {
+            "fixed": str(small_scans / "p1" / "img_ct.nii.gz"),
+            "moving": str(small_scans / "p2" / "img_ct.nii.gz"),
+            "fixed_label": str(bad),
+            "moving_label": str(small_scans / "p2" / "lab_ct.nii.gz"),
+        }
+    ]
+    text, out = _refused(small_scans, tmp_path, pairs)
+    assert str(bad) in text and str(bad_id) in text and "0..13" in text, text
+    assert not (out / "metrics.json").exists()
+
+
+def test_training_refuses_a_label_map_with_ids_outside_the_organ_range(tiny_preprocessed, tmp_path):
+    """The training's label cache (uint8) would wrap id 262 to 6: the case's file is named before training."""
+    listing = json.loads(Path(tiny_preprocessed).read_text())
+    root = Path(tiny_preprocessed).parent
+    case = next(it for it in listing["training"] if it.get("cohort") == "l2r")
+    img = nib.load(root / case["label"])
+    data = np.asarray(img.dataobj).astype(np.int16)
+    data[data == 1] = 262
+    bad = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), bad)
+    case["label"] = str(bad)
+    for items in listing.values():  # the copy lives elsewhere: every path absolute
+        for it in items if isinstance(items, list) else []:
+            for k in ("image", "label", "fixed", "moving", "fixed_label", "moving_label"):
+                if isinstance(it, dict) and it.get(k) and not Path(it[k]).is_absolute():
+                    it[k] = str(root / it[k])
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(listing))
+    import_bundle_module("registration", "scripts.data")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser["bundle_root"] = str(ROOT)
+    parser["datalist"] = str(datalist)
+    parser["num_workers"] = 0
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("train#case_dataset")
+    text = error_text(info.value)
+    assert str(bad) in text and "262" in text, text
+
+
+def test_partial_initial_weights_report_what_was_loaded_and_refuse_another_network(tmp_path, caplog):
+    """``--initial_ckpt_strict False`` loads the tensors that fit and says how many; weights of another network
+    (the segmentation bundle's U-Net), of which none fits, are refused instead of "Restored all variables"."""
+    net = networks.GradientRegNet(in_channels=3, channel_multiplier=1)
+    foreign = tmp_path / "unet.pt"
+    torch.save(_unet_state(), foreign)
+    with pytest.raises(ValueError, match="none of the network's .* tensors"):
+        ckpts.load_initial_weights(str(foreign), net, strict=False)
+    partial = {k: v for k, v in net.state_dict().items() if not k.startswith("heads.")}
+    wider = networks.GradientRegNet(in_channels=3, channel_multiplier=2).state_dict()
+    partial["input_block.convs.0.conv.weight"] = wider[
+        "input_block.convs.0.conv.weight"
+    ]  # a shape that differs
+    torch.save(partial, tmp_path / "partial.pt")
+    with caplog.at_level("INFO"):
+        report = ckpts.load_initial_weights(str(tmp_path / "partial.pt"), net, strict=False)
+    assert (
+        "input_block.convs.0.conv.weight" in report["skipped"] and "heads.0.conv.weight" in report["skipped"]
+    )
+    assert len(report["loaded"]) == len([k for k in net.state_dict() if k != "_extra_state"]) - len(
+        report["skipped"]
+    )
+    assert f"loaded {len(report['loaded'])} of the network's" in caplog.text
+
+
+def test_a_second_training_into_the_same_checkpoint_folder_is_refused(tiny_preprocessed, tmp_path):
+    """Two trainings resuming from and writing into one checkpoint folder would corrupt each other: the second
+    is refused, naming the first's PID, before it writes anything."""
+    ckpt_dir = tmp_path / "models"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(ckpt_dir)], stdout=subprocess.PIPE, text=True, env=_ENV_TOOLS
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_bundle(
+            "registration",
+            "train.json",
+            {"datalist": str(tiny_preprocessed), "ckpt_dir": str(ckpt_dir), "output_dir": str(tmp_path / "logs"),
+             "channel_multiplier": 1, "num_workers": 0, "max_epochs": 1},
+            check=False,
+            timeout=300,
+        )  # fmt: skip
+        log = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and f"PID {holder.pid}" in log and "in use" in log, log[-3000:]
+        assert sorted(p.name for p in ckpt_dir.iterdir()) == [".lock"]
+        assert not (tmp_path / "logs").exists(), "the refused training wrote its logs"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# A process that holds a folder's lock (as a running training does) until it is killed.
+_HOLDER = "import sys, time; from abdoreg.locks import hold; hold(sys.argv[1], 'a registration training'); print('held', flush=True); time.sleep(600)"
+_ENV_TOOLS = {**os.environ, "PYTHONPATH": str(REPO / "tools")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +497,9 @@ def test_checkpoint_killed_while_saving_keeps_the_last_one(name, tmp_path, monke
 def test_rerun_removes_temp_files_and_earlier_checkpoints(tmp_path):
     """temp files of a killed save are removed, and a resumed run's new checkpoint replaces the
     earlier run's (``n_saved`` 1): a later resume cannot pick a stale, higher epoch."""
-    (tmp_path / ".checkpoint_epoch=3.pt.999999999-0badc0de.tmp.pt").write_bytes(b"partial")  # a dead pid's
+    killed = tmp_path / ".tmp-999999999-0badc0de"  # a dead process's temp folder, as atomic_write makes them
+    killed.mkdir()
+    (killed / "checkpoint_epoch=3.pt").write_bytes(b"partial")
     torch.save({"model": {}}, tmp_path / "checkpoint_epoch=2.pt")
     (tmp_path / "checkpoint_epoch=9.pt").write_bytes(b"PK\x03\x04 truncated")  # a torn copy: never picked
     assert ckpts.latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=2.pt")

@@ -22,7 +22,14 @@ FAST_SYN = {
 }
 
 
-def test_syn_field_direction():
+def test_syn_field_direction(tmp_path, monkeypatch):
+    """The field points into the moving scan; ANTs' transforms (a warp, its inverse, an affine per pair) go into
+    a folder the product owns and deletes, never left in the system's temp folder."""
+    import tempfile
+
+    system_temp = tmp_path / "system_temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
     aff = oblique_affine()
     fixed = blob()
     moving = np.full(SHAPE, -500.0)
@@ -35,6 +42,10 @@ def test_syn_field_direction():
     warped = F.warp_array(moving, field, order=1, cval=-500)
     before = np.abs(moving - fixed)[inside].mean()
     assert np.abs(warped - fixed)[inside].mean() < 0.7 * before
+    assert list(system_temp.iterdir()) == [], "ANTs' transforms were left in the temp folder"
+    out = tmp_path / "out"
+    S.register_pair(fixed, moving, aff, aff, clip_hu=None, temp_dir=out, **FAST_SYN)
+    assert list(out.iterdir()) == [] and list(system_temp.iterdir()) == []
 
 
 def test_syn_config_end_to_end(tiny_preprocessed, tmp_path):
@@ -50,3 +61,5 @@ def test_syn_config_end_to_end(tiny_preprocessed, tmp_path):
     fields = sorted(p.name for p in (out / "submission").iterdir())
     assert len(fields) == 3 and all(f.startswith("disp_") and f.endswith("_0000.nii.gz") for f in fields)
     assert (out / "submission.zip").is_file()
+    hidden = [p for p in out.rglob(".*") if p.name != ".lock"]
+    assert hidden == [], f"temporary files left in the output folder: {hidden}"

@@ -236,3 +236,23 @@ def test_an_image_on_another_grid_than_its_datalist_is_named(tmp_path):
     with pytest.raises(ValueError, match="msd_colon") as err:
         data.image_items(path)
     assert str(moved) in str(err.value) and "(24, 24, 24)" in str(err.value)
+
+
+@pytest.mark.parametrize("bad_id", [262, 14, -2])
+def test_label_ids_outside_the_organ_range_name_the_file(tmp_path, bad_id):
+    """A label map with an id outside 0..13 (262 would wrap to 6 in uint8, 14 is no class) is refused with
+    its file and the ids, by the transform train.json runs right after loading."""
+    from monai.transforms import LoadImaged
+
+    labels = np.zeros((8, 8, 8), np.int16)
+    labels[2:4] = 6
+    labels[5:7] = bad_id
+    path = tmp_path / "case_001.nii.gz"
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), path)
+    item = LoadImaged(keys="label", image_only=True)({"label": str(path)})
+    with pytest.raises(ValueError) as err:
+        data.CheckLabelsd("label", max_label=13)(item)
+    assert str(path) in str(err.value) and str(bad_id) in str(err.value)
+    labels[5:7] = 13
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), path)
+    data.CheckLabelsd("label", max_label=13)(LoadImaged(keys="label", image_only=True)({"label": str(path)}))

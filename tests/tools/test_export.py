@@ -243,6 +243,51 @@ def test_finetune_starts_from_an_exported_archive(exported, tiny_preprocessed, t
     assert len(list(cache.iterdir())) == 1
 
 
+def _chain(exc: BaseException | None) -> str:
+    """The messages of an exception and its causes (MONAI wraps what a config expression raises)."""
+    parts = []
+    while exc is not None:
+        parts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def test_a_failed_fine_tuning_leaves_nothing_behind(exported, tiny_preprocessed, tmp_path):
+    """Fine-tuning from an archive whose weights do not fit (another width): refused before the archive is
+    extracted or a log is started; a truncated archive is named as such."""
+    from monai.bundle import ConfigWorkflow
+
+    import_bundle_module("registration", "scripts.training")
+    root = bundle_dir("registration")
+
+    def finetune(source: Path, ckpt_dir: Path) -> None:
+        wf = ConfigWorkflow(
+            config_file=[str(root / "configs" / c) for c in ("train.json", "finetune.json")],
+            meta_file=str(root / "configs" / "metadata.json"),
+            workflow_type="train",
+            bundle_root=str(root),
+            pretrained=str(source),
+            datalist=str(tiny_preprocessed),
+            ckpt_dir=str(ckpt_dir),
+            output_dir=str(tmp_path / "logs"),
+            channel_multiplier=2,
+            num_workers=0,
+        )
+        wf.initialize()
+
+    with pytest.raises(Exception) as info:
+        finetune(exported["archive"], tmp_path / "models")
+    assert "does not fit" in _chain(info.value)
+    assert [p.name for p in (tmp_path / "models").rglob("*") if p.name != ".lock"] == []
+    assert not (tmp_path / "logs").exists()
+    truncated = tmp_path / f"{NAME}_v9.9.9.zip"
+    truncated.write_bytes(exported["archive"].read_bytes()[:5000])
+    with pytest.raises(Exception) as info:
+        finetune(truncated, tmp_path / "models2")
+    text = _chain(info.value)
+    assert str(truncated) in text and "truncated" in text, text
+
+
 def test_source_of_another_architecture_is_a_clear_error(exported, tmp_path):
     archive = exported["archive"]
     with pytest.raises(ValueError, match=rf"{archive.name}.*does not fit.*channel_multiplier"):

@@ -4,8 +4,9 @@
 folder beside it (``.tmp-<pid>-<random>/<name>``), then renames ``tmp`` over ``path`` in one step. The name
 keeps its extension because some writers choose the format from it (``.nii.gz``, ``.png``, ``.npz``), and
 no reader of the target's folder sees it: ``*.nii.gz`` or ``checkpoint_epoch=N.pt`` in that folder match no
-file inside a subfolder. ``tmp`` may become a file or a folder. ``remove_stale_temps`` deletes what a killed
-process left.
+file inside a subfolder. ``tmp`` may become a file or a folder. ``scratch(parent)`` is such a hidden folder for
+a library's own temporary files (ANTs' transforms), removed when the block ends. ``remove_stale_temps``
+deletes what a killed process left of either.
 
 This file is the same, byte for byte, in every bundle and in ``tools/abdoreg`` (a bundle imports nothing
 from outside its folder; a test keeps the copies equal).
@@ -17,10 +18,18 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "is_temp_name", "remove_stale_temps"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "scratch",
+    "is_temp_name",
+    "remove_stale_temps",
+]
 
 # ``.tmp-<pid>-<random>`` (this module), and ``.<name>.<pid>.tmp`` files of earlier versions
 _TEMP = re.compile(r"^\.tmp-(?P<pid>\d+)-.+$|^\..+\.(?P<old_pid>\d+)\.tmp$")
@@ -33,12 +42,27 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _new_temp_folder(parent: Path) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    folder.mkdir()
+    return folder
+
+
+@contextmanager
+def scratch(parent: str | os.PathLike) -> Iterator[Path]:
+    """A new hidden folder in ``parent`` for temporary files, removed (with its content) when the block ends."""
+    folder = _new_temp_folder(Path(parent))
+    try:
+        yield folder
+    finally:
+        _remove(folder)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Create ``path`` through ``write(tmp)`` (a file or a folder at ``tmp``); on error nothing is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    folder.mkdir()
+    folder = _new_temp_folder(path.parent)
     tmp = folder / path.name
     try:
         write(tmp)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bundles import BUNDLES, bundle_command, bundle_env
+from .errors import UsageError
 from .synth import PRESETS, generate
 
 BUNDLE = BUNDLES / "registration"
@@ -153,6 +154,27 @@ def network(**settings) -> dict:
     return {f"network_def#{k}": v for k, v in wanted.items()}
 
 
+METHODS = ("reference", "default", "syn", "convexadam")
+
+
+def check_arguments(
+    methods: list[str], sizes: list[str], pairs: object, threads: object, ckpt_path: str | None
+) -> None:
+    """Every argument checked before any data is made or any row runs (a ``UsageError`` saying what to pass)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"--methods {','.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}")
+    bad_sizes = [s for s in sizes if s not in PRESETS]
+    if bad_sizes:
+        raise UsageError(f"--sizes/--size {','.join(bad_sizes)}: choose from {', '.join(PRESETS)}")
+    if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs < 1:
+        raise UsageError(f"--pairs {pairs!r}: the number of pairs per row, a whole number of at least 1")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise UsageError(f"--threads {threads!r}: a whole number of at least 1 (or leave it out)")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise UsageError(f"--ckpt_path {ckpt_path}: no such file")
+
+
 def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full") -> list[Row]:
     """The benchmark's rows: every method at the ``main`` size, then the default (and reference) at the
     other sizes."""
@@ -242,6 +264,7 @@ def bench_infer(
     out_dir = Path(out).resolve()
     method_list = methods.split(",") if isinstance(methods, str) else list(methods)
     size_list = sizes.split(",") if isinstance(sizes, str) else list(sizes)
+    check_arguments(method_list, size_list + [size], pairs, threads, ckpt_path)
     info = machine()
     if threads:
         info["omp_num_threads"] = str(threads)

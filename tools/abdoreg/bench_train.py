@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .bundles import BUNDLES, bundle_command, bundle_env
+from .errors import UsageError
 
 BUNDLE = BUNDLES / "registration"
 
@@ -120,6 +121,28 @@ def run_train(
     return out
 
 
+def _positive(name: str, value: object, whole: bool = False) -> None:
+    """A ``UsageError`` unless ``value`` is a positive number (a whole one with ``whole``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if not ok or (whole and not float(value).is_integer()):
+        raise UsageError(f"--{name} {value!r}: must be a positive {'whole number' if whole else 'number'}")
+
+
+def _read_recipes(path: str) -> dict:
+    """A sweep's recipes file: a JSON object of recipe name -> train.json overrides."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(
+            f"recipes file {path}: no such file (the shipped ones are in tools/abdoreg/sweeps/)"
+        ) from None
+    except ValueError as exc:
+        raise UsageError(f"recipes file {path}: not valid JSON ({exc})") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise UsageError(f"recipes file {path}: expected an object of recipe name -> overrides")
+    return table
+
+
 def time_to_quality(curve: Sequence[Mapping], margin: float = 0.05) -> dict:
     """Identity Dice (first point), best Dice, and the first (iteration, wall time) at identity + margin."""
     points = [p for p in curve if p.get("metric") is not None]
@@ -174,7 +197,14 @@ def sweep(
 ) -> str:
     """Train every recipe of the JSON file ``recipes`` (name -> overrides, the demo grid added) at once,
     ``jobs`` at a time, each stopped after ``wall_s`` seconds; write ``out/sweep.json`` with the curves."""
-    table = json.loads(Path(recipes).read_text())
+    table = _read_recipes(recipes)
+    _positive("jobs", jobs, whole=True)
+    _positive("wall_s", wall_s)
+    _positive("threads", threads, whole=True)
+    if not Path(datalist).is_file():
+        raise UsageError(
+            f"datalist {datalist}: no such file (make one with `abdoreg bench_train tuning_split`)"
+        )
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     base = {**DEMO_GRID, "datalist": str(Path(datalist).resolve()), "val_key": val_key, "max_epochs": 10000}
@@ -236,13 +266,23 @@ def bench(
     Prints a Markdown table (seconds per training iteration, split); returns the path of
     ``out/bench_train.json``, which holds it, every run's split and curve.
     """
+    names = [r for r in (recipes.split(",") if isinstance(recipes, str) else recipes) if r]
+    unknown = [r for r in names if r not in RECIPES]
+    if unknown:
+        raise UsageError(
+            f"--recipes {','.join(unknown)}: not recipes of the benchmark (choose from {', '.join(RECIPES)})"
+        )
+    _positive("minutes", minutes)
+    _positive("jobs", jobs, whole=True)
+    for name, path in (("datalist", datalist), ("paper_datalist", paper_datalist)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"--{name} {path}: no such file")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     if paper and paper_datalist is None:
         paper_datalist = prepare_data(
             root / "data_2mm", size="full", n_l2r=4, spacing=(2.0, 2.0, 2.0), shape=(192, 160, 256)
         )
-    names = [r for r in (recipes.split(",") if isinstance(recipes, str) else recipes) if r]
     runs: dict = {}
     if names:  # the demo-grid data only when a recipe trains on it
         if datalist is None:

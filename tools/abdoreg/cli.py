@@ -12,8 +12,9 @@ import fire
 
 from . import bench_train
 from .bench_infer import bench_infer
+from .errors import UsageError
 from .export import ExportError, export
-from .pipeline import Interrupted, Runner, StageFailed, UsageError, find_pipeline, read_spec
+from .pipeline import Interrupted, Runner, StageFailed, find_pipeline, read_spec
 
 
 def synth(
@@ -127,9 +128,23 @@ COMMANDS = {
 
 
 def main() -> None:
+    """Run the CLI. A bad argument or file is one message and exit 2, a failed stage exit 1; no traceback
+    reaches the user unless ``--debug`` is given (anywhere on the command line)."""
+    debug = "--debug" in sys.argv
+    if debug:
+        sys.argv.remove("--debug")
     try:
         fire.Fire(COMMANDS)
-    except (UsageError, ExportError) as exc:
+    except (
+        UsageError,
+        ExportError,
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    ) as exc:
+        if debug:
+            raise
         print(f"abdoreg: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except StageFailed as exc:  # the cause is in the message; a traceback of the runner adds nothing
@@ -139,6 +154,15 @@ def main() -> None:
         print(f"abdoreg: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(128 + exc.signum)
+    except Exception as exc:  # an unforeseen failure: one line, the traceback on request
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(
+            f"abdoreg: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

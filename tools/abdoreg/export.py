@@ -31,14 +31,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temps, scratch
 from .bundles import BUNDLES
 from .pipeline import Runner, Stage, find_pipeline
 
@@ -122,6 +121,8 @@ def _stage_source(
     bundle: str, pipeline: str, work: str, stage_name: str
 ) -> tuple[Stage, Path, Path | None, list[str]]:
     """A finished training stage of a pipeline: the stage, its model, its evaluation's metrics, notes."""
+    if not Path(work).is_dir():
+        raise ExportError(f"--work {work}: no such folder (the working folder the pipeline ran the stage in)")
     runner = Runner(find_pipeline(pipeline), work, echo=lambda _: None)
     stages = {s.name: s for s in runner.stages}
     if stage_name not in stages:
@@ -493,7 +494,9 @@ def export(
         )
 
     state = plain_state_dict(Path(model))
-    with tempfile.TemporaryDirectory(prefix="abdoreg-export-") as tmp:
+    for stale in remove_stale_temps(Path(out), recursive=False):  # what a killed export left
+        print(f"abdoreg export: removed {stale}, left by an interrupted export", file=sys.stderr)
+    with scratch(out) as tmp:  # staged beside the archive, removed also on failure
         root = Path(tmp) / name
         (root / "models").mkdir(parents=True)
         _copy_bundle(src, root)

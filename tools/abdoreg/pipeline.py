@@ -36,12 +36,10 @@ import yaml
 
 from .atomic import atomic_write_text
 from .bundles import REPO, bundle_command, bundle_env, bundle_root
+from .errors import UsageError
+from .locks import FolderInUse, hold, release
 
 PIPELINES = Path(__file__).resolve().parent / "pipelines"
-
-
-class UsageError(ValueError):
-    """A mistake on the command line or in a pipeline file: printed as one message, without a traceback."""
 
 
 @dataclass
@@ -195,12 +193,29 @@ def stage_code(stage: Stage) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
 
 
+def stage_configs(stage: Stage) -> list[Path]:
+    """Every file of a bundle stage's ``configs/`` that can change its result: the configs it lists, the files
+    of ``configs/`` they name (``organs.json``), and the data tables in sub-folders (the cohort tables), which
+    configs name through expressions (``'/configs/cohorts/' + @cohort + '.json'``)."""
+    if not stage.bundle:
+        return []
+    cfg_dir = bundle_root(stage.bundle) / "configs"
+    listed = [cfg_dir / c for c in stage.configs]
+    text = "\n".join(p.read_text() for p in listed if p.is_file())
+    named = [p for p in cfg_dir.iterdir() if p.is_file() and p not in listed and p.name in text]
+    tables = [p for p in cfg_dir.rglob("*") if p.is_file() and p.parent != cfg_dir]
+    return [*listed, *sorted(named), *sorted(tables)]
+
+
 def stage_stamp(stage: Stage) -> str:
-    """Hash of everything that determines a stage's result: settings, configs, code and inputs."""
+    """Hash of everything that determines a stage's result: settings, configs and the data tables they read,
+    code and inputs."""
     content: dict[str, Any] = {"stage": stage.__dict__}
     if stage.bundle:
-        cfg_dir = bundle_root(stage.bundle) / "configs"
-        content["configs"] = {c: (cfg_dir / c).read_text() for c in stage.configs}
+        root = bundle_root(stage.bundle)
+        content["configs"] = {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in stage_configs(stage)
+        }
     content["code"] = stage_code(stage)
     content["inputs"] = [_signature(Path(p)) for p in stage.inputs]
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
@@ -278,6 +293,7 @@ class Runner:
         jobs: int | None = None,
     ):
         self.work = Path(work).resolve()
+        self.pipeline = Path(pipeline)
         self.variables, self.stages = load_pipeline(pipeline, self.work, extra_vars)
         jobs = jobs if jobs is not None else read_spec(pipeline)["jobs"]
         try:
@@ -291,8 +307,6 @@ class Runner:
         self.echo = echo
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
-        (self.work / "logs").mkdir(parents=True, exist_ok=True)
-        (self.work / "stamps").mkdir(parents=True, exist_ok=True)
 
     def select(self, start: str | None = None, only: str | list[str] | None = None) -> list[Stage]:
         names = [s.name for s in self.stages]
@@ -318,6 +332,11 @@ class Runner:
         other); returns (stage, status, seconds) rows in the order the stages finished. After a failure
         no new stage starts; those running finish, then the first error is raised."""
         selected = self.select(start, only)
+        self._prepare_work()
+        try:
+            hold(self.work, f"abdoreg pipeline run ({self.pipeline.name})")
+        except FolderInUse as exc:
+            raise UsageError(str(exc).replace("another folder", "another --work folder")) from None
         restore = self._forward_signals()
         try:
             return self._run(selected)
@@ -326,6 +345,24 @@ class Runner:
             raise
         finally:
             restore()
+            release(self.work)
+
+    def _prepare_work(self) -> None:
+        """The working folder with its logs/ and stamps/, or a ``UsageError`` saying why it cannot be one."""
+        if self.work.exists() and not self.work.is_dir():
+            raise UsageError(
+                f"--work {self.work} is a file, not a folder: pass a folder for the pipeline's outputs"
+            )
+        try:
+            for sub in ("logs", "stamps"):
+                (self.work / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.work / "stamps" / f".probe-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(
+                f"--work {self.work} cannot be written ({exc.strerror or exc}): pass a folder you can write to"
+            ) from None
 
     def _forward_signals(self):
         """On SIGTERM/SIGINT (main thread only), end the running stages and raise ``Interrupted``."""

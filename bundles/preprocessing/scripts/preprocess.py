@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import remove_stale_temps
+from .atomic import remove_stale_temps, scratch
 from .files import json_bytes, nifti_bytes, write_if_changed
 from .geometry import (
     CaseError,
@@ -37,6 +35,7 @@ from .geometry import (
 )
 from .labels import LabelTable
 from .layouts import LAYOUT_HELP, Case, CohortListing, list_cohort
+from .locks import hold
 
 logger = logging.getLogger("preprocessing")
 RECORD_VERSION = 1
@@ -127,32 +126,44 @@ def process_case(s: Settings, case: Case, labels: LabelTable, reference: Volume 
     ref = reference if reference is not None else image
     aff = target_affine(unit_axes(ref.affine), s.pixdim, s.spatial_size, grid_center(ref))
     moving = to_ants(image)
-    tmpdir = Path(tempfile.mkdtemp(prefix="abdoreg-pre-"))
-    try:
-        transforms: list[str] = []
-        if s.align != "none":
-            if reference is None:
-                raise CaseError(f"{case.image}: align={s.align!r} needs a reference scan (set `reference`)")
-            found = align(
-                moving, to_ants(reference), s.pixdim, s.align, outprefix=str(tmpdir) + "/", **s.registration
-            )
-            transforms = [str(p) for p in found]
-        applied = transforms or identity_transform(tmpdir)
-        out_img = resample(moving, aff, s.spatial_size, applied, "linear", s.pad_value)
-        out_img = np.clip(np.rint(out_img), -32768, 32767).astype(np.int16)
-        out_lab = None
-        if native is not None:
-            remapped = labels.remap(native.array, case.label)
-            lab_img = to_ants(Volume(remapped.astype(np.float32), native.affine))
-            out_lab = np.rint(resample(lab_img, aff, s.spatial_size, applied, "genericLabel", 0)).astype(
-                np.uint8
-            )
-            out_lab = labels.split_by_side(out_lab, out_img, aff)
-        translation = translation_mm(transforms) if s.align == "translation" else None
-    except ValueError as exc:
-        raise CaseError(str(exc)) from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    # ANTs writes its transforms into a hidden folder of the output, removed after the case (and, if the run is
+    # killed, by the next run)
+    with scratch(s.output_dir / s.cohort) as tmpdir:
+        try:
+            transforms: list[str] = []
+            if s.align != "none":
+                if reference is None:
+                    raise CaseError(
+                        f"{case.image}: align={s.align!r} needs a reference scan (set `reference`)"
+                    )
+                found = align(
+                    moving,
+                    to_ants(reference),
+                    s.pixdim,
+                    s.align,
+                    outprefix=str(tmpdir) + "/",
+                    **s.registration,
+                )
+                transforms = [str(p) for p in found]
+            applied = transforms or identity_transform(tmpdir)
+            out_img = resample(moving, aff, s.spatial_size, applied, "linear", s.pad_value)
+            out_img = np.clip(np.rint(out_img), -32768, 32767).astype(np.int16)
+            out_lab = None
+            if native is not None:
+                remapped = labels.remap(native.array, case.label)
+                lab_img = to_ants(Volume(remapped.astype(np.float32), native.affine))
+                out_lab = np.rint(resample(lab_img, aff, s.spatial_size, applied, "genericLabel", 0)).astype(
+                    np.uint8
+                )
+                out_lab = labels.split_by_side(out_lab, out_img, aff)
+                stray = sorted(set(np.unique(out_lab).tolist()) - set(range(labels.n_organs + 1)))
+                if stray:  # e.g. a side-split class left unassigned: never write ids outside the organ scheme
+                    raise CaseError(
+                        f"{case.label}: remapped label ids {stray} are outside 0..{labels.n_organs}"
+                    )
+            translation = translation_mm(transforms) if s.align == "translation" else None
+        except ValueError as exc:
+            raise CaseError(str(exc)) from exc
 
     if out_lab is not None:
         write_if_changed(lab_out, nifti_bytes(out_lab, aff))
@@ -354,6 +365,13 @@ def run_cohort(
         raise PreprocessingFailed(
             f"cohort {cohort}: align={align_mode!r} needs a reference Learn2Reg scan: set `reference`, or preprocess the l2r cohort into {out} first"
         )
+    produced, source = (out / cohort).resolve(), Path(input_dir).resolve()
+    if source == produced or source.is_relative_to(produced):
+        raise PreprocessingFailed(
+            f"cohort {cohort}: the input folder {input_dir} lies where this run writes its outputs ({produced}): "
+            "pass another output_dir"
+        )
+    hold(out, f"preprocessing of cohort {cohort}")  # one run at a time writes into an output folder
     _check_grid(cohort, out, pixdim, spatial_size)
     for path in remove_stale_temps(out / cohort) + remove_stale_temps(out, recursive=False):
         logger.info(f"removed {path}, left by an interrupted run")

@@ -22,8 +22,10 @@ from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
 from scripts.atomic import atomic_write, remove_stale_temps
+from scripts.errors import as_flag
+from scripts.weights import read_state
 
-__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "run_unless_finished"]
+__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "run_unless_finished", "load_initial_weights"]
 
 logger = logging.getLogger("registration.checkpoints")
 
@@ -120,3 +122,43 @@ def run_unless_finished(trainer: Engine, resume_checkpoint: str | None = None) -
         )
         return
     trainer.run()
+
+
+def load_initial_weights(
+    path: str | os.PathLike, network: torch.nn.Module, strict: bool | str = True, min_fraction: float = 0.5
+) -> dict:
+    """Start a fresh training from the weights in ``path`` (``initial_ckpt``, e.g. fine-tuning's pretrained
+    source); returns ``{"loaded", "skipped"}`` tensor names.
+
+    Strict: every tensor must fit, as ``load_state_dict`` checks. Not strict: the tensors whose names and shapes
+    fit are loaded and the others keep their initial values; how many of each is logged (MONAI's loader says
+    "Restored all variables" whatever it skipped), fewer than ``min_fraction`` of the network's tensors is
+    warned about, and weights of which none fits (another network) are refused.
+    """
+    state = read_state(path)
+    net = getattr(network, "module", network)
+    if as_flag(strict):
+        net.load_state_dict(state, strict=True)
+        logger.info("%s: loaded all %d tensors of the network", path, len(state))
+        return {"loaded": list(state), "skipped": []}
+    own = net.state_dict()
+    names = [k for k in own if k != "_extra_state"]
+    fits = [k for k in names if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+    skipped = [k for k in names if k not in fits]
+    if not fits:
+        raise ValueError(
+            f"{path}: none of the network's {len(names)} tensors is in these weights with its shape (they hold "
+            f"{len(state)}, e.g. {list(state)[:2]}): weights of another network; pass a checkpoint of this one"
+        )
+    net.load_state_dict({**own, **{k: state[k] for k in fits}}, strict=True)
+    logger.info(
+        "%s: loaded %d of the network's %d tensors; %d kept their initial values%s",
+        path,
+        len(fits),
+        len(names),
+        len(skipped),
+        f" (e.g. {', '.join(skipped[:3])})" if skipped else "",
+    )
+    if len(fits) < min_fraction * len(names):
+        logger.warning("%s: fewer than %.0f%% of the network's tensors were loaded", path, 100 * min_fraction)
+    return {"loaded": fits, "skipped": skipped}

@@ -82,7 +82,8 @@ class SynIteration(_PerPairIteration):
     """ANTs SyN (antspyx) per pair.
 
     ``deterministic``: with a ``random_seed`` in ``registration``, one ITK thread, so a rerun gives
-    the same fields (``scripts.syn.make_reproducible``).
+    the same fields (``scripts.syn.make_reproducible``). ``temp_dir``: where ANTs' transforms go while a pair
+    is registered (a hidden folder, removed after the pair).
     """
 
     def __init__(
@@ -90,10 +91,12 @@ class SynIteration(_PerPairIteration):
         registration: dict,
         clip_hu: Sequence[float] | None = (-1000.0, 1500.0),
         deterministic: bool = True,
+        temp_dir: str | None = None,
     ) -> None:
         self.registration = dict(registration)
         self.clip_hu = tuple(clip_hu) if clip_hu else None
         self.deterministic = as_flag(deterministic)
+        self.temp_dir = temp_dir
 
     def register(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[np.ndarray, float]:
         from scripts.syn import register_pair  # antspyx only for this stage
@@ -106,6 +109,7 @@ class SynIteration(_PerPairIteration):
             aff,
             clip_hu=self.clip_hu,
             deterministic=self.deterministic,
+            temp_dir=self.temp_dir,
             **self.registration,
         )
 

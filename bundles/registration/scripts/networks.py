@@ -467,7 +467,7 @@ def input_windows_of(network: torch.nn.Module, default: Sequence[Sequence[float]
     of ``default``; ``default`` for any other network (a stand-in, a baseline)."""
     net = getattr(network, "module", network)
     windows = [list(w) for w in default]
-    if not isinstance(net, GradientRegNet):
+    if not hasattr(net, "differences"):  # not a GradientRegNet
         return windows
     if net.input_windows:
         return [list(w) for w in net.input_windows]

@@ -12,16 +12,17 @@ architecture fails with its name and the first differences rather than deep insi
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 import torch
 
+from scripts.atomic import atomic_write, remove_stale_temps
 from scripts.errors import InputError, as_flag
 from scripts.weights import mismatch, read_state
 
@@ -56,27 +57,37 @@ def _local_path(source: str, cache_dir: Path) -> Path:
     return Path(source)
 
 
-def _extract_archive(archive: Path, cache_dir: Path) -> Path:
-    """The bundle folder of an archive (exactly one top-level folder), extracted once per content hash."""
-    with zipfile.ZipFile(archive) as zf:
-        tops = {Path(n).parts[0] for n in zf.namelist() if Path(n).parts}
+def _archive_model(archive: Path) -> tuple[str, str]:
+    """The top-level folder of a bundle archive and its weights' member name, or a ValueError naming the file."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ValueError(
+            f"{archive}: not a readable bundle archive ({exc}); it may be truncated (an interrupted download or "
+            "copy): fetch it again"
+        ) from None
+    tops = {Path(n).parts[0] for n in names if Path(n).parts}
     if len(tops) != 1:
         raise ValueError(
             f"{archive}: a bundle archive holds exactly one top-level folder <name>/, found {sorted(tops)}"
         )
     (name,) = tops
+    member = f"{name}/models/model.pt"
+    if member not in names:
+        raise FileNotFoundError(f"{archive}: the archive has no {member}")
+    return name, member
+
+
+def _extract_archive(archive: Path, cache_dir: Path, name: str) -> Path:
+    """The bundle folder of an archive, extracted once per content hash (atomically: a second run never sees a
+    half-extracted folder, and what a killed run left is removed by the next)."""
     target = cache_dir / f"{archive.stem}-{_sha256(archive)[:12]}"
     if not (target / name).is_dir():
         from monai.apps.utils import extractall
 
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{target.name}."))
-        try:
-            extractall(archive, output_dir=tmp, has_base=False)
-            os.replace(tmp, target)  # atomic: a second run never sees a half-extracted folder
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        remove_stale_temps(cache_dir, recursive=False)
+        atomic_write(target, lambda tmp: extractall(archive, output_dir=tmp, has_base=False))
     return target / name
 
 
@@ -102,12 +113,12 @@ def resolve_pretrained(
                 f"pretrained source {source}: a bundle folder needs models/model.pt (or a ckpt_dir model.pt)"
             )
     elif path.suffix.lower() == ".zip":  # by name: a torch checkpoint is a zip file too
-        bundle = _extract_archive(path, cache)
-        ckpt = bundle / "models" / "model.pt"
-        if not ckpt.is_file():
-            raise FileNotFoundError(
-                f"pretrained source {source}: the archive has no {bundle.name}/models/model.pt"
-            )
+        name, member = _archive_model(path)
+        if network is not None and as_flag(strict):  # checked inside the archive: nothing is written if unfit
+            with zipfile.ZipFile(path) as zf:
+                check_fits(io.BytesIO(zf.read(member)), network, source, name=f"{path}:{member}")
+        ckpt = _extract_archive(path, cache, name) / "models" / "model.pt"
+        network = None  # checked
     else:
         ckpt = path
     if network is not None and as_flag(strict):
@@ -116,10 +127,12 @@ def resolve_pretrained(
     return str(ckpt)
 
 
-def check_fits(ckpt: str | os.PathLike, network: torch.nn.Module, source: object) -> None:
+def check_fits(
+    ckpt: str | os.PathLike | BinaryIO, network: torch.nn.Module, source: object, name: str | None = None
+) -> None:
     """Raise a ValueError naming ``source`` when the weights in ``ckpt`` do not fit ``network``."""
     try:
-        state = read_state(ckpt)
+        state = read_state(ckpt, name=name)
     except InputError as exc:
         raise ValueError(f"pretrained source {source}: {exc}") from exc
     why = mismatch(state, network)

@@ -16,6 +16,7 @@ thread count once per process, at its first registration, so it must come before
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import ants
 import numpy as np
 
+from scripts.atomic import scratch
 from scripts.fields import RAS_TO_LPS, world_to_voxel
 
 logger = logging.getLogger("registration.syn")
@@ -57,13 +59,14 @@ def to_ants(array: np.ndarray, affine: np.ndarray) -> ants.ANTsImage:
 
 
 def composite_to_voxel_field(
-    fixed: ants.ANTsImage, transforms: list[str], fixed_affine: np.ndarray
+    fixed: ants.ANTsImage, transforms: list[str], fixed_affine: np.ndarray, folder: str | os.PathLike
 ) -> np.ndarray:
-    """Learn2Reg voxel field (D, H, W, 3) equal to the chain of ANTs forward ``transforms`` on the fixed grid."""
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = str(Path(tmp) / "composite_")
-        path = ants.apply_transforms(fixed=fixed, moving=fixed, transformlist=transforms, compose=prefix)
-        disp_lps = ants.image_read(path).numpy()  # (X, Y, Z, 3), LPS mm, fixed point -> moving point
+    """Learn2Reg voxel field (D, H, W, 3) equal to the chain of ANTs forward ``transforms`` on the fixed grid
+    (the composed transform is written into ``folder``)."""
+    path = ants.apply_transforms(
+        fixed=fixed, moving=fixed, transformlist=transforms, compose=str(Path(folder) / "composite_")
+    )
+    disp_lps = ants.image_read(path).numpy()  # (X, Y, Z, 3), LPS mm, fixed point -> moving point
     disp_ras = disp_lps @ RAS_TO_LPS.T
     return world_to_voxel(disp_ras, fixed_affine).astype(np.float32)
 
@@ -75,20 +78,24 @@ def register_pair(
     moving_affine: np.ndarray,
     clip_hu: tuple[float, float] | None = (-1000.0, 1500.0),
     deterministic: bool = True,
+    temp_dir: str | os.PathLike | None = None,
     **registration_kwargs,
 ) -> tuple[np.ndarray, float]:
     """Run ``ants.registration`` (parameters from the config) and return (voxel field, seconds).
 
     A ``random_seed`` among the parameters is applied by ``make_reproducible`` (``ants.registration``
-    would ignore it), on one ITK thread unless not ``deterministic``.
+    would ignore it), on one ITK thread unless not ``deterministic``. The transforms ANTs writes (a warp, its
+    inverse and an affine per pair: hundreds of MB at full size) go into a hidden folder of ``temp_dir`` (the
+    run's output folder; the system's temp folder if None) that is removed after the pair, also on failure.
     """
     global _registered
     make_reproducible(registration_kwargs.pop("random_seed", None), deterministic)
     if clip_hu is not None:
         fixed, moving = np.clip(fixed, *clip_hu), np.clip(moving, *clip_hu)
     fx, mv = to_ants(fixed, fixed_affine), to_ants(moving, moving_affine)
-    start = time.perf_counter()
-    reg = ants.registration(fixed=fx, moving=mv, **registration_kwargs)
-    _registered = True
-    field = composite_to_voxel_field(fx, reg["fwdtransforms"], fixed_affine)
-    return field, time.perf_counter() - start
+    with scratch(temp_dir or tempfile.gettempdir()) as folder:
+        start = time.perf_counter()
+        reg = ants.registration(fixed=fx, moving=mv, outprefix=f"{folder}/", **registration_kwargs)
+        _registered = True
+        field = composite_to_voxel_field(fx, reg["fwdtransforms"], fixed_affine, folder)
+        return field, time.perf_counter() - start

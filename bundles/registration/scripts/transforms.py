@@ -2,7 +2,10 @@
 
 * ``CTWindowd``: each CT window (width, level) of a HU image as one channel in [0, 1].
 * ``EnsureLabeld``: an all-zero label map for training cases without labels, so batches collate.
-* ``LoadScand``: a scan loaded by file name, refused with the file's name when unreadable, not 3D or not finite.
+* ``CheckLabelsd``: label maps hold whole organ ids 0..max_label, else an error naming the file and the ids
+  (a uint8 cast would wrap id 262 into 6, and an id above max_label silently drops an organ from the Dice).
+* ``LoadScand``: a scan loaded by file name, refused with the file's name when unreadable, not 3D or not
+  finite, or (labels) with ids outside 0..max_label.
 * ``CheckSameGridd``: preprocessed pairs must share the fixed scan's grid (they are registered array to array).
 * ``AlignCentersd``: the moving scan's affine translated so that its centre meets the fixed scan's.
 
@@ -32,6 +35,8 @@ __all__ = [
     "ct_window",
     "CTWindowd",
     "EnsureLabeld",
+    "label_map",
+    "CheckLabelsd",
     "LoadScand",
     "AlignCentersd",
     "CheckSameGridd",
@@ -91,14 +96,52 @@ class EnsureLabeld(MapTransform):
         return d
 
 
+def label_map(labels: Any, max_label: int, source: object) -> np.ndarray:
+    """``labels`` as a uint8 array of organ ids, after checking that every voxel is a whole id in
+    0..``max_label``; an ``InputError`` naming ``source`` and the offending ids otherwise."""
+    arr = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if arr.size and (arr.min() < 0 or arr.max() > max_label or not np.array_equal(arr, np.rint(arr))):
+        values = np.unique(arr)
+        bad = values[(values < 0) | (values > max_label) | (values != np.rint(values))]
+        shown = ", ".join(f"{v:g}" for v in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise InputError(
+            f"{source}: label ids {shown} are not organ ids 0..{max_label}: label maps hold the 13-organ "
+            "scheme (the preprocessing bundle's output), one whole number per voxel"
+        )
+    return arr.astype(np.uint8)
+
+
+def _source(img: Any, key: str) -> str:
+    meta = getattr(img, "meta", None) or {}
+    return str(meta.get("filename_or_obj") or key)
+
+
+class CheckLabelsd(MapTransform):
+    """Refuse label maps with ids outside 0..``max_label`` (or not whole numbers), naming the file."""
+
+    def __init__(self, keys: KeysCollection, max_label: int = 13, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.max_label = int(max_label)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label_map(d[key], self.max_label, _source(d[key], str(key)))
+        return d
+
+
 class LoadScand(MapTransform):
     """Load scans as channel-first MetaTensors, rejecting unreadable, non-3D or non-finite data by file name.
 
-    Each loaded key is renamed as ``LOADED`` says, and its file goes to ``path_<new key>``.
+    Each loaded key is renamed as ``LOADED`` says, and its file goes to ``path_<new key>``. Label maps
+    (every key but ``fixed`` and ``moving``) must hold organ ids 0..``max_label``.
     """
 
-    def __init__(self, keys: Sequence[str] = tuple(LOADED), allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self, keys: Sequence[str] = tuple(LOADED), max_label: int = 13, allow_missing_keys: bool = True
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.max_label = int(max_label)
         self.loader = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
@@ -118,6 +161,8 @@ class LoadScand(MapTransform):
             bad = int(img.numel() - torch.isfinite(img).sum())
             if bad:
                 raise InputError(f"{path}: {key} has {bad} NaN or infinite voxels")
+            if key not in ("fixed", "moving"):
+                label_map(img, self.max_label, f"{path} ({key})")
             del d[key]
             d[LOADED.get(key, key)] = img
             d[f"path_{LOADED.get(key, key)}"] = str(path)

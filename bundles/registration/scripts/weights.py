@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from monai.handlers import CheckpointLoader
@@ -36,11 +36,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def read_state(path: str | os.PathLike, what: str = "checkpoint") -> Mapping[str, torch.Tensor]:
-    """The network weights in ``path``: a plain state dict (``model.pt``) or a training checkpoint's ``model``
-    entry (``checkpoint_epoch=N.pt``); an ``InputError`` naming the file if it holds none."""
+def read_state(
+    source: str | os.PathLike | BinaryIO, what: str = "checkpoint", name: str | None = None
+) -> Mapping[str, torch.Tensor]:
+    """The network weights in ``source`` (a file, or a file object called ``name``): a plain state dict
+    (``model.pt``) or a training checkpoint's ``model`` entry (``checkpoint_epoch=N.pt``); an ``InputError``
+    naming the file if it holds none."""
+    path = name or source
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle errors, foreign files: many types
         raise InputError(
             f"{path}: not a readable PyTorch {what} ({type(exc).__name__}: {_first_line(exc)}); the file may be "
@@ -114,7 +118,9 @@ def setting_hints(state: Mapping[str, torch.Tensor], network: torch.nn.Module) -
     what to pass; empty when that cannot be told."""
     net = getattr(network, "module", network)
     theirs = network_settings(state)
-    if theirs is None or not isinstance(net, GradientRegNet):
+    if theirs is None or not hasattr(
+        net, "differences"
+    ):  # a GradientRegNet (by behaviour: modules may be reloaded)
         return []
     keys = net.differences(theirs)
     if "input_windows" in keys and "in_channels" in keys:

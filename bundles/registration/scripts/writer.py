@@ -3,8 +3,10 @@ labels, QC figure and metrics per pair; the metrics tables and the submission zi
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
+import shutil
 import sys
 import time
 import zipfile
@@ -18,13 +20,19 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts import fields
-from scripts.atomic import atomic_write
+from scripts.atomic import atomic_write, atomic_write_text, remove_stale_temps
+from scripts.errors import InputError, as_flag
 from scripts.fields import ddf_of
 from scripts.metrics import LABELS, jacobian_determinant, pair_metrics, warp_labels, write_json, write_results
 from scripts.qc import qc_figure
-from scripts.transforms import SEG
+from scripts.transforms import SEG, label_map
 
-__all__ = ["RegistrationWriter"]
+__all__ = ["RegistrationWriter", "prepare_run_folder", "RUN_FILE"]
+
+# What a run writes into its output folder: the run's manifest, the per-pair folders, the submission, the tables.
+RUN_FILE = "run.json"
+PRODUCT_FOLDERS = ("pairs", "submission")
+PRODUCT_FILES = ("metrics.csv", "metrics.json", "submission.zip", RUN_FILE)
 
 logger = logging.getLogger("registration.infer")
 
@@ -33,6 +41,68 @@ def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, GB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+def _run_pairs(pairs: Sequence[Mapping[str, str]]) -> list[list[str]]:
+    return sorted([str(p["fixed"]), str(p["moving"])] for p in pairs)
+
+
+def prepare_run_folder(
+    output_dir: str | Path,
+    pairs: Sequence[Mapping[str, str]],
+    method: str,
+    extra_inputs: Sequence[str] = (),
+    overwrite: bool = False,
+) -> None:
+    """Make ``output_dir`` this run's: no input where an output goes, no results of another run mixed in.
+
+    An input file (a scan, a label map, a field folder read by ``evaluate.json``) that lies in the folders or at
+    the files this run writes is refused: the run would overwrite it. The folder's ``run.json`` names the pairs
+    of the run that wrote it: another list of pairs is refused (its per-pair files, fields and tables would be
+    mixed with this run's) unless ``overwrite``; then, and for a rerun of the same pairs, the earlier results are
+    removed first. Under ``torch.distributed`` every process checks, process 0 clears, the others wait.
+    """
+    out = Path(output_dir).resolve()
+    folders = [out / name for name in PRODUCT_FOLDERS]
+    files = {out / name for name in PRODUCT_FILES}
+    for raw in [v for p in pairs for v in p.values() if isinstance(v, str)] + [str(x) for x in extra_inputs]:
+        path = Path(raw).resolve()
+        inside = [d for d in folders if path == d or path.is_relative_to(d) or d.is_relative_to(path)]
+        if path in files or inside:
+            raise InputError(
+                f"{raw}: an input lies where this run writes its outputs ({inside[0] if inside else path}): "
+                "pass another --output_dir"
+            )
+    manifest = out / RUN_FILE
+    this = _run_pairs(pairs)
+    if manifest.is_file() and not overwrite:
+        try:
+            earlier = json.loads(manifest.read_text())
+        except ValueError:
+            earlier = {}
+        if earlier.get("pairs") != this:
+            listed = earlier.get("pairs") or [["?", "?"]]
+            raise InputError(
+                f"{out} holds the results of another run (method {earlier.get('method', '?')}, {len(listed)} "
+                f"pair(s), e.g. fixed {listed[0][0]}, moving {listed[0][1]}); this run registers {len(this)} "
+                "other pair(s): pass another --output_dir to keep both, or --overwrite True to replace them"
+            )
+    elif not manifest.exists() and not overwrite and any(p.exists() for p in [*folders, *files]):
+        raise InputError(
+            f"{out} holds registration results that no {RUN_FILE} describes (an earlier version's, or another "
+            "tool's): pass another --output_dir, or --overwrite True to replace them"
+        )
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        for path in [*folders, *files]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        atomic_write_text(manifest, json.dumps({"method": method, "pairs": this}, indent=1) + "\n")
+    if distributed:
+        dist.barrier()
 
 
 def _zip_files(folder: Path, names: Sequence[str], zip_path: Path) -> Path:
@@ -82,6 +152,9 @@ class RegistrationWriter:
         metrics_name: str = "metrics",
         method: str = "model",
         release_batch: bool = True,
+        pairs: Sequence[Mapping[str, str]] | None = None,
+        extra_inputs: Sequence[str] = (),
+        overwrite: bool | str = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.labels = tuple(int(x) for x in labels)
@@ -90,6 +163,7 @@ class RegistrationWriter:
         self.write_images, self.write_qc, self.make_zip = write_images, write_qc, make_zip
         self.pad_value, self.metrics_name, self.method = float(pad_value), metrics_name, method
         self.release_batch = release_batch
+        self.pairs, self.extra_inputs, self.overwrite = pairs, list(extra_inputs or []), as_flag(overwrite)
         self.rows: list[dict] = []
         self._marks: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -107,6 +181,10 @@ class RegistrationWriter:
         return self.output_dir / "submission"
 
     def _started(self, engine: Engine) -> None:
+        if self.pairs is not None:
+            prepare_run_folder(self.output_dir, self.pairs, self.method, self.extra_inputs, self.overwrite)
+        for path in remove_stale_temps(self.output_dir):  # what a killed run left
+            logger.info("removed %s, left by an interrupted run", path)
         self.rows = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registration-writer")
 
@@ -178,7 +256,9 @@ class RegistrationWriter:
             field = field.astype(self.field_dtype).astype(np.float32)
         has_labels = SEG["fixed"] in batch and SEG["moving"] in batch
         moving_seg = (
-            np.rint(batch[SEG["moving"]][b, 0].numpy()).astype(np.uint8) if SEG["moving"] in batch else None
+            label_map(batch[SEG["moving"]][b, 0], max(self.labels), moving_path)
+            if SEG["moving"] in batch
+            else None
         )
         warped = fields.warp_image(moving, field, cval=self.pad_value)
         warped_seg = warp_labels(moving_seg, field) if moving_seg is not None else None
@@ -219,7 +299,7 @@ class RegistrationWriter:
             files.append(self._files([partial(qc, inner_det=det)], after_previous=False))
         metrics = pair_metrics(
             field,
-            np.rint(batch[SEG["fixed"]][b, 0].numpy()) if has_labels else None,
+            label_map(batch[SEG["fixed"]][b, 0], max(self.labels), fixed_path) if has_labels else None,
             moving_seg if has_labels else None,
             self.labels,
             spacing,

@@ -22,7 +22,7 @@ from ignite.engine import Engine
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_stale_temps
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "run_unless_finished"]
 
@@ -62,6 +62,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if ckpt is not None:
                 fixed = ckpt.save_handler.filename
                 ckpt.save_handler = _WriteThenRemove(save_dir, fixed, prune=ckpt.n_saved is not None)
+
+    def attach(self, engine: Engine) -> None:
+        for path in remove_stale_temps(self.save_dir, recursive=False):
+            logger.info(f"removed {path}, left by a run killed while saving")
+        super().attach(engine)
 
 
 def _complete(path: Path) -> bool:

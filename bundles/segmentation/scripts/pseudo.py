@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, remove_stale_temps
 from .data import PATH_KEYS, plain_name
 
 __all__ = ["pseudo_label_path", "SaveLabelMapd", "write_pseudo_datalist"]
@@ -57,6 +57,7 @@ class SaveLabelMapd(MapTransform):
         self.output_dir = Path(output_dir)
         self.folder = folder
         self.path_key = path_key
+        remove_stale_temps(self.output_dir)  # what a killed run left (built once, before the first write)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
