@@ -7,6 +7,7 @@ the reference and resamples it onto the target grid in one interpolation.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,11 +90,27 @@ def _for_alignment(img: ants.ANTsImage, spacing) -> ants.ANTsImage:
     )
 
 
+def make_reproducible(seed: int = 1, deterministic: bool = True) -> None:
+    """Make this process's ANTs alignments repeat exactly: a fixed seed for the metric's random sampling (a
+    positive one: ANTs seeds from the clock for 0), and ITK on one thread (its multithreaded metric sums differ
+    from run to run in the last bits, which moved a KiTS case's translation by up to 50 mm here). ITK reads the
+    thread count once per process, at its first registration, so call this before it (a worker process calls it
+    when it starts). ``deterministic=False`` keeps the clock seed and ITK's threads (not repeatable)."""
+    if not deterministic:
+        ants.config._random_seed = None
+        return
+    if int(seed) <= 0:
+        raise ValueError(f"seed {seed}: a positive integer (ANTs seeds from the clock for 0)")
+    ants.config._random_seed = int(seed)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
+
+
 def align(moving: ants.ANTsImage, reference: ants.ANTsImage, spacing, transform: str, **kwargs) -> list[str]:
-    """ANTs transform files mapping reference points into the moving scan (``Translation``/``Rigid``/``Affine``)."""
+    """ANTs transform files mapping reference points into the moving scan (``Translation``/``Rigid``/``Affine``);
+    repeatable after ``make_reproducible``."""
     kinds = {"translation": "Translation", "rigid": "Rigid", "affine": "Affine"}
-    # ANTs samples the metric at random points: a fixed seed makes re-runs reproducible.
-    ants.config._random_seed = int(kwargs.pop("random_seed", 0))
+    if "random_seed" in kwargs:  # a seed among the registration settings: the metric's sampling seed
+        ants.config._random_seed = int(kwargs.pop("random_seed"))
     if transform not in kinds:
         raise ValueError(f"align must be one of none, {', '.join(kinds)}; got {transform!r}")
     reg = ants.registration(

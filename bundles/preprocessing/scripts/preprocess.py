@@ -26,6 +26,7 @@ from .geometry import (
     align,
     grid_center,
     identity_transform,
+    make_reproducible,
     read_volume,
     resample,
     target_affine,
@@ -38,7 +39,7 @@ from .layouts import LAYOUT_HELP, Case, CohortListing, list_cohort
 from .locks import hold
 
 logger = logging.getLogger("preprocessing")
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: alignments seeded and on one ITK thread (earlier outputs are redone once)
 
 
 class PreprocessingFailed(RuntimeError):
@@ -57,6 +58,8 @@ class Settings:
     pad_value: float
     reference: Path | None
     registration: dict
+    seed: int = 1
+    deterministic: bool = True
 
     def digest(self) -> str:
         """Hash of everything that changes a case's output (not the input: that is the signature)."""
@@ -71,6 +74,7 @@ class Settings:
             "pad": self.pad_value,
             "reference": ref,
             "registration": self.registration,
+            "seed": self.seed if self.deterministic else None,
         }
         return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -343,6 +347,8 @@ def run_cohort(
     reference: str | None = None,
     num_workers: int = 1,
     registration: dict | None = None,
+    seed: int = 1,
+    deterministic: bool = True,
 ) -> dict:
     """Preprocess every case of a cohort folder; write ``datalist_<cohort>.json`` and the merged ``datalist.json``."""
     table = read_table(cohort, cohort_table)
@@ -375,6 +381,7 @@ def run_cohort(
     _check_grid(cohort, out, pixdim, spatial_size)
     for path in remove_stale_temps(out / cohort) + remove_stale_temps(out, recursive=False):
         logger.info(f"removed {path}, left by an interrupted run")
+    reproducible = (int(seed), str(deterministic).strip().lower() not in ("false", "0", "no"))
     s = Settings(
         cohort,
         table,
@@ -386,6 +393,7 @@ def run_cohort(
         float(pad_value),
         ref_path,
         dict(registration or {}),
+        *reproducible,
     )
     reference_vol = read_volume(ref_path, "reference") if ref_path else None
     labels = LabelTable(table, organs)
@@ -395,8 +403,12 @@ def run_cohort(
     records: dict[str, dict] = {}
     failures: list[str] = []
     jobs = [(s, case, labels, reference_vol) for case in listing.cases]
+    # the same inputs give the same voxels on every run (geometry.make_reproducible), in this process and in each worker
+    make_reproducible(*reproducible)
     if num_workers > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
+        with ProcessPoolExecutor(
+            max_workers=num_workers, initializer=make_reproducible, initargs=reproducible
+        ) as pool:
             futures = [pool.submit(_worker, job) for job in jobs]
             results = (f.result() for f in as_completed(futures))
             for case, rec, err in tqdm(results, total=len(jobs), desc=cohort, unit="case"):
