@@ -166,6 +166,29 @@ def test_known_shift_fields_images_and_metrics(shift_pair, shifted_run):
     metrics = json.loads((pair_dir / "metrics.json").read_text())
     assert metrics["dice"] == 1.0 and metrics["hd95"] == 0.0 and metrics["dice_initial"] < 0.8
     assert metrics["sdlogj"] == pytest.approx(0.0, abs=1e-9) and metrics["fold_fraction"] == 0.0
+    # the inverse: -SHIFT in voxels (moving -> fixed), and in mm through ITK, which maps moving points to fixed ones
+    inverse = nib.load(pair_dir / "disp_inverse.nii.gz").get_fdata()
+    np.testing.assert_allclose(
+        inverse.reshape(-1, 3), np.broadcast_to(-np.asarray(SHIFT), (inverse[..., 0].size, 3)), atol=1e-3
+    )
+    itk_inverse = nib.load(pair_dir / "itk_inverse_displacement.nii.gz").get_fdata()[:, :, :, 0, :]
+    np.testing.assert_allclose(
+        itk_inverse.reshape(-1, 3), np.broadcast_to(-expected_lps, (itk_inverse[..., 0].size, 3)), atol=1e-2
+    )
+    back = ants.apply_transforms(
+        fixed=S.to_ants(moving.get_fdata().astype(np.float32), moving.affine),
+        moving=S.to_ants(fixed.get_fdata().astype(np.float32), fixed.affine),
+        transformlist=[str(pair_dir / "itk_inverse_displacement.nii.gz")],
+        defaultvalue=-1024,
+    ).numpy()
+    inner_m = (
+        slice(3, -1),
+        slice(1, -4),
+        slice(2, -1),
+    )  # where the moving scan's content is in the fixed one
+    np.testing.assert_allclose(back[inner_m], moving.get_fdata()[inner_m], atol=1e-2)
+    assert metrics["ic_mean_mm"] == pytest.approx(0.0, abs=1e-2) and metrics["ic_p95_mm"] < 0.05
+    assert metrics["qc_flags"] == "" and metrics["image_overlap"] > 0.9
 
 
 def test_known_shift_from_a_field_folder(shift_pair, shifted_run, tmp_path):

@@ -4,6 +4,7 @@ geometry of one raw pair, and clear errors on bad input."""
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import ants
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
-from tests.bundle_import import import_bundle_module, run_bundle
+from tests.bundle_import import REPO, bundle_dir, import_bundle_module, run_bundle
 
 F = import_bundle_module("registration", "scripts.fields")
 S = import_bundle_module("registration", "scripts.syn")
@@ -180,3 +182,135 @@ def test_bad_input_names_the_file(standin, tmp_path, kind):
     )
     assert proc.returncode != 0
     assert str(bad) in proc.stderr + proc.stdout
+
+
+def _copy(src: Path, dst: Path, shift_mm=(0.0, 0.0, 0.0), crop: int = 0) -> None:
+    """``src`` with its header moved by ``shift_mm`` (world, mm), or its last ``crop`` slices (axis 2) removed."""
+    img = nib.load(src)
+    data = np.asarray(img.dataobj)
+    aff = img.affine.copy()
+    aff[:3, 3] += np.asarray(shift_mm)
+    if crop:
+        data = data[..., :-crop]
+    nib.save(nib.Nifti1Image(data, aff), dst)
+
+
+@pytest.mark.parametrize(
+    "case, alignment",
+    [("header_shift", "body centres of mass"), ("crop", "scanner coordinates kept")],
+)
+def test_a_scan_against_a_moved_or_cropped_copy_of_itself_stays_at_the_identity(
+    tiny_cohorts, standin, tmp_path, case, alignment
+):
+    """A raw scan registered (identity network) against a copy with a changed header, or cropped by 10 slices, is
+    put exactly where it belongs before any registration: every organ overlaps (Dice 1) and the warped scan is the
+    fixed one where both have data; air, never 0 HU, where the moving scan has none; the first translation is
+    reported."""
+    raw = tiny_cohorts / "AbdomenCTCT"
+    fixed, fixed_lab = (
+        raw / "imagesTr" / "AbdomenCTCT_0001_0000.nii.gz",
+        raw / "labelsTr" / "AbdomenCTCT_0001_0000.nii.gz",
+    )
+    shift = (37.0, -23.0, 55.0) if case == "header_shift" else (0.0, 0.0, 0.0)
+    crop = 10 if case == "crop" else 0
+    _copy(fixed, tmp_path / "moving.nii.gz", shift, crop)
+    _copy(fixed_lab, tmp_path / "moving_lab.nii.gz", shift, crop)
+    out = tmp_path / "out"
+    run_bundle(
+        "registration",
+        configs("inference.json", standin),
+        {"fixed": str(fixed), "moving": str(tmp_path / "moving.nii.gz"), "fixed_label": str(fixed_lab),
+         "moving_label": str(tmp_path / "moving_lab.nii.gz"), "output_dir": str(out), "pixdim": [6.0, 6.0, 6.0],
+         "spatial_size": [48, 40, 64]},
+    )  # fmt: skip
+    (pair_dir,) = (out / "pairs").iterdir()
+    metrics = json.loads((pair_dir / "metrics.json").read_text())
+    assert metrics["alignment"] == alignment
+    np.testing.assert_allclose(metrics["world_shift_mm"], -np.asarray(shift), atol=1e-3)
+    assert not metrics["qc_flags"]
+    if (
+        not crop
+    ):  # the cropped copy lacks the organ parts in its missing slices: Dice < 1 there, by definition
+        assert metrics["dice"] == pytest.approx(1.0, abs=1e-6)
+    warped = np.asarray(nib.load(pair_dir / "warped_image.nii.gz").dataobj)
+    original = np.asarray(nib.load(fixed).dataobj)
+    covered = slice(None, 64 - crop) if crop else slice(None)
+    np.testing.assert_allclose(warped[..., covered], original[..., covered], atol=1.0)
+    warped_lab = np.asarray(nib.load(pair_dir / "warped_label.nii.gz").dataobj)
+    np.testing.assert_array_equal(
+        warped_lab[..., covered], np.asarray(nib.load(fixed_lab).dataobj)[..., covered]
+    )
+    if crop:
+        assert (warped[..., 64 - crop + 1 :] == -1024).all(), "outside the cropped copy is air"
+
+
+def test_a_dicom_series_folder_is_a_scan(tiny_cohorts, standin, tmp_path):
+    """A DICOM series (a folder) is registered as any scan is; a folder that holds none is named in the error."""
+    from abdoreg.synth.dicom import write_dicom_series
+
+    raw = tiny_cohorts / "AbdomenCTCT" / "imagesTr"
+    img = nib.load(raw / "AbdomenCTCT_0002_0000.nii.gz")
+    series = tmp_path / "moving_series"
+    write_dicom_series(np.asarray(img.dataobj).astype(np.int16), img.affine, series, "P2", seed=0)
+    out = tmp_path / "out"
+    base = {
+        "fixed": str(raw / "AbdomenCTCT_0001_0000.nii.gz"),
+        "pixdim": [6.0, 6.0, 6.0],
+        "spatial_size": [48, 40, 64],
+    }
+    run_bundle(
+        "registration",
+        configs("inference.json", standin),
+        {**base, "moving": str(series), "output_dir": str(out)},
+    )
+    (field,) = (out / "submission").iterdir()
+    assert nib.load(field).shape == (48, 40, 64, 3)
+    empty = tmp_path / "not_a_series"
+    empty.mkdir()
+    proc = run_bundle(
+        "registration", configs("inference.json", standin),
+        {**base, "moving": str(empty), "output_dir": str(tmp_path / "o2")}, check=False,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and str(empty) in log and "DICOM series" in log
+
+
+def test_a_folding_or_missed_result_is_flagged_and_no_weights_warning_without_a_network(
+    tiny_preprocessed, tmp_path
+):
+    """A field that folds many voxels is flagged in the metrics and the log (the exit code stays 0); instance
+    optimisation from the identity never runs the network, so nothing warns about its weights."""
+    fold = {
+        "network_def": {"_target_": "tests.registration.test_inference.FoldNet"},
+        "require_checkpoint": False,
+    }
+    path = tmp_path / "fold.json"
+    path.write_text(json.dumps(fold))
+    out = tmp_path / "fold"
+    proc = run_bundle(
+        "registration",
+        ["inference.json", "evaluate.json", str(path)],
+        {"datalist": str(tiny_preprocessed), "output_dir": str(out)},
+        env={"PYTHONPATH": f"{REPO}{os.pathsep}{bundle_dir('registration')}"},
+    )
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["summary"]["flagged_pairs"] == data["summary"]["num_pairs"] == 3
+    assert all("of the voxels fold" in case["qc_flags"] for case in data["cases"])
+    assert "check this result" in proc.stdout + proc.stderr
+    ident = run_bundle(
+        "registration",
+        ["inference.json", "evaluate.json"],
+        {"datalist": str(tiny_preprocessed), "output_dir": str(tmp_path / "io"), "instance_opt": "True",
+         "instance_opt_start": "identity", "instance_optimiser#iterations": 2},
+    )  # fmt: skip
+    assert "initial weights" not in ident.stdout + ident.stderr
+
+
+class FoldNet(torch.nn.Module):
+    """Stand-in network: a field that folds every voxel (it mirrors axis 0: x + u(x) = D - 1 - x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ddf = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        n = x.shape[2]
+        ddf[:, 0] = (n - 1 - 2 * torch.arange(n, dtype=torch.float32)).view(1, n, 1, 1)
+        return ddf

@@ -365,3 +365,26 @@ def test_segmentation_export_carries_the_narrow_unet(tmp_path):
         inference["network_def"]["channels"] == [8, 16, 32] and inference["network_def"]["num_res_units"] == 1
     )
     assert meta["eval_metrics"] == {"val_mean_dice": 0.41, "val_dice_spleen": 0.6, "val_num_cases": 2}
+
+
+def test_register_one_pair_with_an_exported_archive(exported, tiny_cohorts, tmp_path, monkeypatch):
+    """`abdoreg register --bundle <archive>`: the archive's own network (its recorded grid: 6 mm, 48x40x64) on a
+    raw pair, extracted once into the cache."""
+    monkeypatch.setenv("ABDOREG_CACHE", str(tmp_path / "cache"))
+    raw = tiny_cohorts / "AbdomenCTCT" / "imagesTr"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "abdoreg.cli", "register", str(raw / "AbdomenCTCT_0001_0000.nii.gz"),
+           str(raw / "AbdomenCTCT_0002_0000.nii.gz"), "--bundle", str(exported["archive"]), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**ENV, "ABDOREG_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "instance_opt_start" not in proc.stdout, "the archive's weights were not used"
+    (field,) = (out / "submission").iterdir()
+    assert nib.load(field).shape == (48, 40, 64, 3)
+    extracted = list((tmp_path / "cache" / "bundles").iterdir())
+    assert len(extracted) == 1 and (extracted[0] / NAME / "models" / "model.pt").is_file()

@@ -15,6 +15,7 @@ from .bench_infer import bench_infer
 from .errors import UsageError
 from .export import ExportError, export
 from .pipeline import Interrupted, Runner, StageFailed, find_pipeline, read_spec
+from .register import register
 
 
 def synth(
@@ -122,6 +123,7 @@ COMMANDS = {
     "pipeline": Pipeline(),
     "demo": demo,
     "export": export,
+    "register": register,
     "bench_infer": bench_infer,
     "bench_train": BenchTrain,
 }

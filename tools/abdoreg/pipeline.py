@@ -138,6 +138,7 @@ def load_pipeline(
     for stage in stages:
         stage.env = {**common_env, **{k: str(v) for k, v in stage.env.items()}}
         stage.configs = [c for c in stage.configs if c]  # a variable set to "" leaves its config out
+        stage.overrides = {k: v for k, v in stage.overrides.items() if v != ""}  # ... and its override
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: stage names must be unique")

@@ -237,6 +237,56 @@ def save_itk_displacement(
 
 
 # ----------------------------------------------------------------------------------------------
+# the inverse of a field
+# ----------------------------------------------------------------------------------------------
+_WARP_BORDER = Warp(mode="bilinear", padding_mode="border")
+
+
+def invert_ddf(ddf: torch.Tensor, start: torch.Tensor | None = None, iterations: int = 20) -> torch.Tensor:
+    """The inverse of a voxel displacement field (B, 3, *spatial), by fixed-point iteration.
+
+    The forward field maps x to y = x + u(x); its inverse v satisfies y + v(y) = x, that is v(y) = -u(y + v(y)),
+    which ``v <- -u(y + v(y))`` solves where the field is invertible (its Jacobian determinant positive); it
+    starts from ``start`` (e.g. a symmetric network's fixed -> moving field) or from -u. Outside the scan u is
+    taken from the border. With ``u`` on the fixed grid the inverse is on the same array grid, read in the moving
+    scan: ``warped_fixed(y) = fixed(y + v(y))``. MONAI has no field inversion (its ``DVF2DDF`` integrates a
+    velocity field, which this network does not predict).
+    """
+    u = ddf.float()
+    v = -u if start is None else start.float()
+    with torch.no_grad():
+        for _ in range(int(iterations)):
+            v = -_WARP_BORDER(u, v)
+    return v
+
+
+def invert_field(
+    field: np.ndarray, start: np.ndarray | None = None, grid: int = 2, iterations: int = 10
+) -> np.ndarray:
+    """The inverse of a Learn2Reg field (D, H, W, 3), computed on a grid ``grid`` times coarser (the fields are
+    smooth: at 192x160x256 this is 1.5 s instead of 17 s, and 0.02 voxels more residual) and upsampled."""
+    u = l2r_to_ddf(field)[None]
+    v0 = None if start is None else l2r_to_ddf(start)[None]
+    if grid > 1:
+        u = torch.nn.functional.avg_pool3d(u, grid, ceil_mode=True) / grid
+        v0 = None if v0 is None else torch.nn.functional.avg_pool3d(v0, grid, ceil_mode=True) / grid
+    v = invert_ddf(u, v0, iterations)
+    if grid > 1:
+        v = torch.nn.functional.interpolate(
+            v * grid, scale_factor=grid, mode="trilinear", align_corners=False
+        )
+        v = v[(..., *[slice(0, s) for s in field.shape[:3]])]
+    return ddf_to_l2r(v[0])
+
+
+def inverse_residual(ddf: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``u(x) + v(x + u(x))`` (B, 3, *spatial), in voxels: zero where ``inverse`` inverts ``ddf`` exactly (the
+    inverse-consistency error of a pair of fields)."""
+    with torch.no_grad():
+        return ddf.float() + _WARP_BORDER(inverse.float(), ddf.float())
+
+
+# ----------------------------------------------------------------------------------------------
 # applying a field
 # ----------------------------------------------------------------------------------------------
 def warp_array(moving: np.ndarray, field: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
 from monai.losses import DiceLoss
+from monai.networks.utils import eval_mode
 from torch import nn
 
 from scripts.errors import InputError, as_flag
@@ -232,7 +233,14 @@ class InstanceOptIteration:
         t0 = time.perf_counter()
         device = engine.state.device
         moving, fixed = (torch.as_tensor(batch[k]) for k in self.image_keys)
-        if self.start == "network":
+        net = getattr(engine.network, "module", engine.network)
+        if self.start == "network" and self.optimiser is None and getattr(net, "symmetric", False):
+            # a symmetric network also gives the fixed -> moving field: the writer starts the inverse from it
+            inputs, _ = engine.prepare_batch(batch, device, engine.non_blocking, **engine.to_kwargs)
+            with eval_mode(net):
+                forward, inverse = net.forward_and_inverse(inputs)
+            output = {"pred": forward, "pred_inverse": inverse}
+        elif self.start == "network":
             output = engine._iteration(engine, batch)  # MONAI's forward pass, unchanged
         else:
             output = {"pred": torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], device=device)}

@@ -290,9 +290,11 @@ def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
         if key in per_metric:
             summary[key] = per_metric[key]["mean"]
             summary[name] = per_metric[key]["30" if q == 0.3 else "70"]
-    for key in ("sdlogj_honest", "fold_fraction", "runtime_s", "dice_initial"):
+    for key in ("sdlogj_honest", "fold_fraction", "runtime_s", "dice_initial", "ic_mean_mm"):
         if key in per_metric:
             summary[key] = per_metric[key]["mean"]
+    if any("qc_flags" in r for r in rows):
+        summary["flagged_pairs"] = sum(1 for r in rows if r.get("qc_flags"))
     return {"summary": summary, "aggregates": per_metric}
 
 

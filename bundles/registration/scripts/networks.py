@@ -431,7 +431,8 @@ class GradientRegNet(nn.Module):
             )
         return ddf[(..., *[slice(0, s) for s in size])]
 
-    def forward(self, x: torch.Tensor):
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[int], Sequence[int]]:
+        """Merged encoder features of a (moving, fixed) input, the unpadded prediction grid and the input size."""
         c = self.in_channels
         if x.shape[1] != 2 * c:
             raise ValueError(f"expected {2 * c} channels (moving then fixed), got {x.shape[1]}")
@@ -442,8 +443,21 @@ class GradientRegNet(nn.Module):
             x = F.pad(x, [p for s in reversed(pad) for p in (0, s)], mode="replicate")
         if self.downsample > 1:
             x = F.avg_pool3d(x, self.downsample)
-        merged = self.encode_merged(torch.cat([x[:, :c], x[:, c:]], dim=0))  # one pass, shared weights
-        del x
+        return self.encode_merged(torch.cat([x[:, :c], x[:, c:]], dim=0)), coarse, size  # shared weights
+
+    def forward_and_inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both directions from one encoder pass (eval): the moving -> fixed field (``forward``'s) and the fixed ->
+        moving one, decoded from the swapped merge as symmetric training trains it (``warped_fixed(x) =
+        fixed(x + inverse(x))`` on the moving scan's grid)."""
+        merged, coarse, size = self._encode(x)
+        out = []
+        for features in (merged, [-d for d in merged]):
+            head = self.decode(features, coarse, False)[0]
+            out.append(self._to_input_grid(self._displacement(head), size))
+        return out[0], out[1]
+
+    def forward(self, x: torch.Tensor):
+        merged, coarse, size = self._encode(x)
         all_levels = self.training and self.deep_supervision
         grads = self.decode(merged, coarse, all_levels)
         if not self.training:

@@ -101,11 +101,11 @@ def check_pairs(pairs: list[dict], short_names: bool = False) -> list[dict]:
     if not pairs:
         raise InputError("the pair list is empty")
     missing = [
-        f"{p[k]} ({k} of pair {i + 1})" for i, p in enumerate(pairs) for k in p if not os.path.isfile(p[k])
+        f"{p[k]} ({k} of pair {i + 1})" for i, p in enumerate(pairs) for k in p if not os.path.exists(p[k])
     ]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise InputError(f"input files not found, nothing was registered: {'; '.join(missing[:5])}{more}")
+        raise InputError(f"inputs not found, nothing was registered: {'; '.join(missing[:5])}{more}")
     seen: dict[str, int] = {}
     for i, p in enumerate(pairs):
         for name in {

@@ -148,12 +148,15 @@ class LoadScand(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             path = d[key]
-            if not os.path.isfile(str(path)):
-                raise InputError(f"{path}: {key} file not found")
+            if not os.path.exists(str(path)):
+                raise InputError(f"{path}: {key} not found")
             try:
                 img = self.loader(str(path))
             except Exception as exc:  # readers raise many types for truncated or foreign files
-                raise InputError(f"{path}: unreadable {key} ({type(exc).__name__}: {exc})") from exc
+                raise InputError(
+                    f"{path}: unreadable {key} ({type(exc).__name__}: {exc}); a scan is a file MONAI's LoadImage "
+                    "reads (NIfTI .nii/.nii.gz, NRRD, MetaImage .mha/.mhd, ...) or a folder holding one DICOM series"
+                ) from exc
             while img.ndim > 4 and img.shape[-1] == 1:
                 img = img[..., 0]
             if img.ndim != 4 or img.shape[0] != 1 or min(img.shape[1:]) < 2:
@@ -169,33 +172,103 @@ class LoadScand(MapTransform):
         return d
 
 
-class AlignCentersd(MapTransform):
-    """Translate the moving scan's affine so its centre meets the fixed scan's (records ``world_shift``).
+def _body_box(img: MetaTensor, threshold: float = -500.0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """World (RAS, mm) bounding box corners and centre of mass of the body (voxels above ``threshold`` HU)."""
+    arr = np.asarray(img[0])
+    step = max(1, int(round(max(arr.shape) / 96)))  # a coarse look is enough for a box and a centre
+    idx = np.argwhere(arr[::step, ::step, ::step] > threshold) * step
+    if len(idx) == 0:
+        return None
+    aff = np.asarray(img.affine, np.float64)
+    world = idx @ aff[:3, :3].T + aff[:3, 3]
+    return world.min(0), world.max(0), world.mean(0)
 
-    Scans of different patients sit at arbitrary scanner coordinates; without this a moving scan
-    can fall outside the fixed field of view. The shift is part of the transform we write. Applied
-    to the scans as loaded: the centres are those of the original geometry in world coordinates.
+
+def _agreement(fixed: MetaTensor, moving: MetaTensor, shift: np.ndarray, box, spacing: float = 8.0) -> float:
+    """Correlation of the two scans' HU (clipped to -1000..1000) on an 8 mm grid over the fixed body's box, with
+    the moving scan translated by ``shift`` (world, mm)."""
+    import scipy.ndimage
+
+    axes = [np.arange(lo, hi + spacing, spacing) for lo, hi in zip(box[0], box[1], strict=True)]
+    points = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    values = []
+    for img, offset in ((fixed, np.zeros(3)), (moving, shift)):
+        aff = np.asarray(img.affine, np.float64)
+        vox = (points - offset - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T
+        arr = np.clip(np.asarray(img[0], np.float32), -1000.0, 1000.0)
+        values.append(scipy.ndimage.map_coordinates(arr, vox.T, order=1, cval=-1000.0))
+    f, m = values
+    if f.std() == 0 or m.std() == 0:
+        return -1.0
+    return float(np.corrcoef(f, m)[0, 1])
+
+
+class AlignCentersd(MapTransform):
+    """Translate the moving scan's affine so that it meets the fixed scan (records ``world_shift``, mm, RAS).
+
+    Scans of different patients sit at arbitrary scanner coordinates; without a first translation a moving scan
+    can fall outside the fixed field of view. The shift is part of the transform the writer saves. Modes:
+
+    * ``auto`` (default): of the scanner coordinates as they are (right for the same patient and session, or a
+      cropped copy) and the bodies' (> -500 HU) centres of mass aligned (right for a changed header, another
+      patient), the one under which the two scans agree best (correlation of their clipped HU on an 8 mm grid
+      over the fixed body).
+    * ``mass``: always align the bodies' centres of mass.
+    * ``centre``: align the geometric centres of the two scans (earlier versions' rule: a copy cropped by 10
+      slices then starts 10 mm off).
+    * ``none``: never move it.
+
+    Applied to the scans as loaded, so the geometry is the original one in world coordinates.
     """
 
+    MODES = ("auto", "mass", "centre", "none")
+
     def __init__(
-        self, keys: Sequence[str] = ("moving", SEG["moving"], PSEUDO["moving"]), ref_key: str = "fixed"
+        self,
+        keys: Sequence[str] = ("moving", SEG["moving"], PSEUDO["moving"]),
+        ref_key: str = "fixed",
+        mode: str | bool = "auto",
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.ref_key = ref_key
+        mode = (
+            {True: "centre", False: "none"}.get(mode, mode) if isinstance(mode, bool) else str(mode).lower()
+        )
+        mode = {"true": "centre", "false": "none"}.get(mode, mode)
+        if mode not in self.MODES:
+            raise ValueError(f"align_centers must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
 
     @staticmethod
     def _centre(img: MetaTensor) -> np.ndarray:
         aff = np.asarray(img.affine, np.float64)
         return (aff @ np.append((np.asarray(img.shape[1:]) - 1) / 2.0, 1.0))[:3]
 
+    def shift(self, fixed: MetaTensor, moving: MetaTensor) -> tuple[np.ndarray, str]:
+        """The world shift for the moving scan, and the rule that chose it."""
+        if self.mode == "none":
+            return np.zeros(3), "none"
+        if self.mode == "centre":
+            return self._centre(fixed) - self._centre(moving), "centre"
+        a, b = _body_box(fixed), _body_box(moving)
+        if a is None or b is None:  # no body (a phantom, a blank scan): the geometric centres
+            return self._centre(fixed) - self._centre(moving), "centre"
+        mass = a[2] - b[2]
+        if self.mode == "auto" and _agreement(fixed, moving, np.zeros(3), a) >= _agreement(
+            fixed, moving, mass, a
+        ):
+            return np.zeros(3), "scanner coordinates kept"
+        return mass, "body centres of mass"
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
-        shift = self._centre(d[self.ref_key]) - self._centre(d["moving"])
+        shift, rule = self.shift(d[self.ref_key], d["moving"])
         for key in self.key_iterator(d):
             aff = d[key].affine.clone()
             aff[:3, 3] += torch.as_tensor(shift, dtype=aff.dtype)
             d[key].affine = aff
         d["world_shift"] = torch.as_tensor(shift, dtype=torch.float64)
+        d["alignment"] = rule
         return d
 
 

@@ -170,10 +170,15 @@ def check_weights(path: str | os.PathLike, network: torch.nn.Module) -> None:
 
 
 def checkpoint_handlers(
-    ckpt_path: str | None, network: torch.nn.Module, required: bool | str = True, device: Any = None
+    ckpt_path: str | None,
+    network: torch.nn.Module,
+    required: bool | str = True,
+    device: Any = None,
+    used: bool | str = True,
 ) -> Sequence:
     """A ``CheckpointLoader`` for the trained weights, checked first (``check_weights``); a missing file is an
-    error unless not ``required``."""
+    error unless not ``required``, and a warning only where the network is ``used`` (instance optimisation from
+    the identity never runs it)."""
     if ckpt_path and os.path.isfile(ckpt_path):
         check_weights(ckpt_path, network)
         return [
@@ -185,5 +190,6 @@ def checkpoint_handlers(
         raise InputError(
             f"{ckpt_path}: trained weights not found (pass --ckpt_path, or --require_checkpoint False to run untrained)"
         )
-    logger.warning("no checkpoint at %s: running the network with its initial weights", ckpt_path)
+    if as_flag(used):
+        logger.warning("no checkpoint at %s: running the network with its initial weights", ckpt_path)
     return []

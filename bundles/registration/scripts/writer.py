@@ -43,6 +43,17 @@ def peak_rss_gb() -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 
 
+def _inverse_consistency(
+    field: np.ndarray, inverse: np.ndarray, affine: np.ndarray, body: np.ndarray
+) -> dict:
+    """Mean and 95th percentile (mm) of ``u(x) + v(x + u(x))`` over the fixed scan's ``body``: how far forward
+    then inverse lands from where it started (0 for an exact inverse)."""
+    residual = fields.inverse_residual(fields.l2r_to_ddf(field)[None], fields.l2r_to_ddf(inverse)[None])[0]
+    mm = np.linalg.norm(fields.ddf_to_l2r(residual) @ np.asarray(affine, np.float64)[:3, :3].T, axis=-1)
+    inside = mm[body] if body.any() else mm.ravel()
+    return {"ic_mean_mm": float(inside.mean()), "ic_p95_mm": float(np.percentile(inside, 95))}
+
+
 def _run_pairs(pairs: Sequence[Mapping[str, str]]) -> list[list[str]]:
     return sorted([str(p["fixed"]), str(p["moving"])] for p in pairs)
 
@@ -152,6 +163,10 @@ class RegistrationWriter:
         metrics_name: str = "metrics",
         method: str = "model",
         release_batch: bool = True,
+        write_inverse: bool | str = True,
+        inverse_grid: int = 2,
+        flag_folding: float = 0.05,
+        flag_overlap: float = 0.5,
         pairs: Sequence[Mapping[str, str]] | None = None,
         extra_inputs: Sequence[str] = (),
         overwrite: bool | str = False,
@@ -163,6 +178,8 @@ class RegistrationWriter:
         self.write_images, self.write_qc, self.make_zip = write_images, write_qc, make_zip
         self.pad_value, self.metrics_name, self.method = float(pad_value), metrics_name, method
         self.release_batch = release_batch
+        self.write_inverse, self.inverse_grid = as_flag(write_inverse), int(inverse_grid)
+        self.flag_folding, self.flag_overlap = float(flag_folding), float(flag_overlap)
         self.pairs, self.extra_inputs, self.overwrite = pairs, list(extra_inputs or []), as_flag(overwrite)
         self.rows: list[dict] = []
         self._marks: dict[str, float] = {}
@@ -205,13 +222,15 @@ class RegistrationWriter:
             }
         ddf = ddf_of(output["pred"]).detach().float().cpu()
         runtimes = output.get("runtime_s") if isinstance(output, Mapping) else None
+        inverse = output.get("pred_inverse") if isinstance(output, Mapping) else None
         for b in range(ddf.shape[0]):
             extra = dict(timing)
             if runtimes is not None:
                 extra["runtime_s"] = float(runtimes[b])
             elif "time_field_s" in timing:
                 extra["runtime_s"] = timing["time_field_s"] / ddf.shape[0]
-            self.rows.append(self.write_pair(batch, b, fields.ddf_to_l2r(ddf[b]), extra))
+            start = None if inverse is None else fields.ddf_to_l2r(inverse[b].detach().float().cpu())
+            self.rows.append(self.write_pair(batch, b, fields.ddf_to_l2r(ddf[b]), extra, start))
         if self.release_batch:  # else the engine holds this pair while the next one is loaded
             engine.state.batch = engine.state.output = None
 
@@ -236,8 +255,20 @@ class RegistrationWriter:
             pending, self._pending = self._pending, None
             pending.result()  # re-raises a failed write here
 
-    def write_pair(self, batch: dict, b: int, field: np.ndarray, extra: dict | None = None) -> dict:
+    def write_pair(
+        self,
+        batch: dict,
+        b: int,
+        field: np.ndarray,
+        extra: dict | None = None,
+        inverse_start: np.ndarray | None = None,
+    ) -> dict:
         """All per-pair outputs of item ``b`` of ``batch``; returns its metrics row.
+
+        The inverse (fixed -> moving) is the written forward field inverted (``fields.invert_field``), started from
+        ``inverse_start`` (a symmetric network's own fixed -> moving field) where given; its inverse-consistency
+        error (``ic_mean_mm``, ``ic_p95_mm``: the residual of forward then inverse, inside the fixed scan's body)
+        goes to the metrics.
 
         Every output comes from the field as it is written (rounded to ``field_dtype``), so the warped
         files, the QC figure and the metrics are what the Learn2Reg evaluator sees from the submission.
@@ -291,10 +322,47 @@ class RegistrationWriter:
             )
             if warped_seg is not None:
                 jobs.append(partial(fields.save_nifti, pair_dir / "warped_label.nii.gz", warped_seg, affine))
+        inverse_metrics: dict = {}
+        if self.write_inverse:
+            t_inv = time.perf_counter()
+            inverse = fields.invert_field(field, inverse_start, grid=self.inverse_grid)
+            inverse_metrics = _inverse_consistency(field, inverse, affine, fixed > -500.0)
+            inverse_metrics["time_inverse_s"] = time.perf_counter() - t_inv
+            # the inverse lives on the moving scan: the model grid read in its space (shifted back by the centre
+            # alignment's world shift), and maps its points to the fixed scan's
+            moving_affine = affine.copy()
+            if shift is not None:
+                moving_affine[:3, 3] -= shift
+            back = None if shift is None else -shift
+            jobs.append(
+                partial(
+                    fields.save_l2r_field,
+                    pair_dir / "disp_inverse.nii.gz",
+                    inverse,
+                    self.field_dtype,
+                    moving_affine,
+                )
+            )
+            if self.write_itk:
+                jobs.append(
+                    partial(
+                        fields.save_itk_displacement,
+                        pair_dir / "itk_inverse_displacement.nii.gz",
+                        inverse.astype(self.field_dtype).astype(np.float32),
+                        moving_affine,
+                        back,
+                        self.itk_convention,
+                    )
+                )
         files = [self._files(jobs)]
         det = jacobian_determinant(field)  # for the metrics and the QC figure
+        checks = self._checks(fixed, warped, det)
+        if checks["qc_flags"]:
+            logger.warning("%s: check this result: %s", tag, checks["qc_flags"])
         if self.write_qc:
-            title = f"{self.method}: {tag}"
+            title = f"{self.method}: {tag}" + (
+                f"\nFLAGGED: {checks['qc_flags']}" if checks["qc_flags"] else ""
+            )
             qc = partial(qc_figure, fixed, moving, warped, field, pair_dir / "qc.png", spacing, title=title)
             files.append(self._files([partial(qc, inner_det=det)], after_previous=False))
         metrics = pair_metrics(
@@ -308,7 +376,14 @@ class RegistrationWriter:
         )
         t_done = time.perf_counter()
         row: dict = {"fixed": fixed_path, "moving": moving_path}
+        if (
+            shift is not None
+        ):  # one-pair mode: the translation that put the moving scan on the fixed one first
+            row["world_shift_mm"] = [round(float(v), 3) for v in shift]
+            row["alignment"] = str(batch.get("alignment", ["?"] * (b + 1))[b])
         row.update(metrics)
+        row.update(checks)
+        row.update(inverse_metrics)
         row.update(extra or {})
         row.update(
             {
@@ -336,6 +411,22 @@ class RegistrationWriter:
             ),
         )
         return row
+
+    def _checks(self, fixed: np.ndarray, warped: np.ndarray, det: np.ndarray) -> dict:
+        """Signs of a failed registration, whatever the labels: folded voxels above ``flag_folding``, and an image
+        overlap (Dice of the bodies, > -500 HU, of the fixed and the warped moving scan) below ``flag_overlap``."""
+        body_f, body_w = fixed > -500.0, warped > -500.0
+        total = body_f.sum() + body_w.sum()
+        overlap = float(2.0 * (body_f & body_w).sum() / total) if total else 1.0
+        folding = float((det <= 0).mean()) if det.size else 0.0
+        flags = []
+        if folding > self.flag_folding:
+            flags.append(f"{folding:.1%} of the voxels fold (more than {self.flag_folding:.1%})")
+        if overlap < self.flag_overlap:
+            flags.append(
+                f"the warped scan covers the fixed one poorly (body overlap {overlap:.2f} < {self.flag_overlap})"
+            )
+        return {"image_overlap": overlap, "qc_flags": "; ".join(flags)}
 
     def _shutdown(self) -> None:
         if self._pool is not None:
