@@ -69,3 +69,39 @@ def test_paired_test_uses_only_pairs_both_methods_scored():
     b = {("f1", "m1"): 0.4, ("f3", "m3"): 0.2, ("f4", "m4"): 0.9}
     delta, _, n = steps.paired_test(a, b)
     assert n == 1 and delta == pytest.approx(0.1)
+
+
+def test_report_over_repeated_runs_gives_spread_and_per_run_step_gains(tmp_path):
+    """Three runs of the same ablation: the table shows each row's DSC per run with mean, sd and range, and each
+    "+ ..." step's gain in every run, significant only where the step helps on the run's pairs."""
+    rng = np.random.default_rng(1)
+    works, baselines = [], []
+    for run in range(3):
+        work = tmp_path / f"seed{run}"
+        base = rng.uniform(0.2, 0.35, 45)
+        baselines.append(base.mean())
+        methods = {
+            "baseline": _metrics(work / "evaluation" / "baseline" / "metrics.json", base),
+            "+ helps": _metrics(
+                work / "evaluation" / "helps" / "metrics.json", base + rng.uniform(0.02, 0.06, 45)
+            ),
+            "ANTs SyN": _metrics(work / "evaluation" / "syn" / "metrics.json", base + 0.04),
+        }
+        steps.report(lambda _: None, methods, str(work / "report"), compare_to=[])
+        works.append(str(work))
+    table = steps.report_repeats(",".join(works), out_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out" / "repeats.md").read_text() == table
+    line = next(ln for ln in table.splitlines() if ln.startswith("| baseline |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert [float(c) for c in cells[1:4]] == pytest.approx(baselines, abs=5e-4)
+    assert float(cells[4]) == pytest.approx(np.mean(baselines), abs=5e-4)
+    assert float(cells[5]) == pytest.approx(np.std(baselines, ddof=1), abs=5e-4)
+    step = next(ln for ln in table.splitlines() if ln.startswith("| baseline -> + helps |"))
+    assert step.count("**") == 6  # significant in all three runs
+    assert not any(
+        ln.startswith("| + helps -> ANTs SyN") for ln in table.splitlines()
+    )  # not an ablation step
+
+    (tmp_path / "seed1" / "report" / "report.json").unlink()
+    with pytest.raises(FileNotFoundError, match="seed1"):
+        steps.report_repeats(works)

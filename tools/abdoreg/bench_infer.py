@@ -32,7 +32,7 @@ from .errors import UsageError
 from .synth import PRESETS, generate
 
 BUNDLE = BUNDLES / "registration"
-PHASES = ("time_load_s", "time_field_s", "time_warp_s", "time_metrics_s", "time_write_s")
+PHASES = ("time_load_s", "time_field_s", "time_warp_s", "time_inverse_s", "time_metrics_s", "time_write_s")
 
 
 @dataclass
@@ -207,10 +207,10 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
     ref = full.get("reference", {}).get("per_pair", {}).get("time_pair_s")
     syn = full.get("ants_syn", {}).get("per_pair", {}).get("time_pair_s")
     head = (
-        "| method | grid | s / pair | CPU s / pair | load | field | warp | metrics | write (bg) | first pair | startup "
+        "| method | grid | s / pair | CPU s / pair | load | field | warp | inverse | metrics | write (bg) | first pair | startup "
         "| peak RSS GB | GPU GB | Dice (initial) | x faster than reference | x faster than SyN |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 17]
 
     def f(v, fmt="{:.1f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"

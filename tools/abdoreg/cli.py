@@ -16,6 +16,7 @@ from .errors import UsageError
 from .export import ExportError, export
 from .pipeline import Interrupted, Runner, StageFailed, find_pipeline, read_spec
 from .register import register
+from .steps import report_repeats
 
 
 def synth(
@@ -124,6 +125,7 @@ COMMANDS = {
     "demo": demo,
     "export": export,
     "register": register,
+    "report_repeats": report_repeats,
     "bench_infer": bench_infer,
     "bench_train": BenchTrain,
 }

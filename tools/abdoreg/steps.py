@@ -93,6 +93,7 @@ def report(
     for name, path in methods.items():
         data = json.loads(Path(path).read_text())
         rows[name], per_pair[name] = dict(data["summary"]), pair_dice(data)
+        rows[name]["metrics_file"] = str(Path(path).resolve())  # for per-pair comparisons across runs
         lo, hi = bootstrap_ci(list(per_pair[name].values()))
         rows[name]["dice_ci_low"], rows[name]["dice_ci_high"] = lo, hi
     refs = [r for r in compare_to if r in rows]
@@ -166,3 +167,50 @@ def _chart(rows: dict[str, dict], path: Path, title: str) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> str:
+    """One table over repeated runs of a pipeline (``--works runs/a,runs/b,...``, e.g. the same pipeline with
+    ``--reg_seed 0``, ``1``, ``2``), read from their ``report/report.json``: each row's DSC in every run with
+    the mean, sample standard deviation and range; then each ablation step (a row named ``+ ...`` against the row
+    before it) with its DSC gain in every run and the Wilcoxon p-value over that run's pairs. Returns the markdown.
+    """
+    paths = [Path(w) for w in (works.split(",") if isinstance(works, str) else works)]
+    reports = []
+    for w in paths:
+        path = w / "report" / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no report (run the pipeline's report stage in {w} first)")
+        reports.append(json.loads(path.read_text()))
+    rows = [r for r in reports[0] if all(r in rep for rep in reports)]
+    runs = " | ".join(w.name for w in paths)
+    lines = [f"| method | {runs} | mean | sd | range |", "|---|" + "---|" * (len(paths) + 3)]
+    for row in rows:
+        values = np.asarray([rep[row]["dice"] for rep in reports], np.float64)
+        sd = values.std(ddof=1) if len(values) > 1 else 0.0
+        cells = " | ".join(f"{v:.3f}" for v in values)
+        lines.append(
+            f"| {row} | {cells} | {values.mean():.3f} | {sd:.3f} | {values.min():.3f}-{values.max():.3f} |"
+        )
+    steps = [(before, after) for before, after in zip(rows, rows[1:], strict=False) if after.startswith("+ ")]
+    if steps:
+        lines += ["", f"| step (ΔDSC, Wilcoxon p) | {runs} |", "|---|" + "---|" * len(paths)]
+    for before, after in steps:
+        cells = []
+        for w, rep in zip(paths, reports, strict=True):
+            files = [rep[r].get("metrics_file") for r in (after, before)]
+            if not all(f and Path(f).is_file() for f in files):
+                raise FileNotFoundError(
+                    f"{w / 'report' / 'report.json'}: rows {after!r} / {before!r} do not name readable metrics "
+                    "files (re-run the pipeline's report stage: --only report)"
+                )
+            a, b = (pair_dice(json.loads(Path(f).read_text())) for f in files)
+            delta, p, _ = paired_test(a, b)
+            mark = "**" if np.isfinite(p) and p < ALPHA else ""
+            cells.append(f"{mark}{delta:+.3f} (p {p:.2g}){mark}")
+        lines.append(f"| {before} -> {after} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    if out_dir:
+        atomic_write_text(Path(out_dir) / "repeats.md", table)
+    print(table)
+    return table
