@@ -39,17 +39,27 @@ def blobs(shift=(0.0, 0.0, 0.0), shape=SHAPE, n=14, seed=1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("axis, shift", [(0, 3.0), (1, -2.5), (2, 3.0)])
-def test_recovers_a_known_shift_from_the_identity(axis, shift):
+@pytest.mark.parametrize("schedule", [(2, 80), ([4, 2], [40, 20])], ids=["one level", "coarse to fine"])
+def test_recovers_a_known_shift_from_the_identity(axis, shift, schedule):
     move = [0.0, 0.0, 0.0]
     move[axis] = shift
     fixed, moving = blobs(), blobs(tuple(move))  # moving(y) = fixed(y - shift): u = +shift along ``axis``
-    ddf = IO.InstanceOptimiser(iterations=80)(moving, fixed)
+    spacing, iterations = schedule
+    ddf = IO.InstanceOptimiser(iterations=iterations, grid_spacing=spacing)(moving, fixed)
     inner = ddf[0, :, 8:-8, 8:-8, 8:-8].mean(dim=(1, 2, 3))
     assert inner[axis] == pytest.approx(shift, abs=0.6), inner
     others = [inner[i] for i in range(3) if i != axis]
     assert all(abs(float(o)) < 0.3 for o in others), inner
     warped = Warp(mode="bilinear", padding_mode="border")(moving, ddf)
     assert F.mse_loss(warped, fixed) < 0.25 * F.mse_loss(moving, fixed)
+
+
+def test_schedule_needs_one_iteration_count_per_level_and_zero_steps_keep_the_start():
+    with pytest.raises(ValueError, match="one whole number of iterations"):
+        IO.InstanceOptimiser(iterations=[40], grid_spacing=[4, 2])
+    start = torch.randn(1, 3, *SHAPE)
+    out = IO.InstanceOptimiser(iterations=[0, 0], grid_spacing=[4, 2])(blobs(), blobs((1.0, 0.0, 0.0)), start)
+    assert torch.equal(out, start)
 
 
 def _sphere(centre, radius=5.0, shape=SHAPE) -> torch.Tensor:

@@ -8,7 +8,10 @@ as a user runs it, on synthetic Learn2Reg-like subjects (``abdoreg synth``; made
 of the process and its children); the per-pair split (loading, field = network forward with its
 integration and upsampling or the classical method, warping, metrics, writing) and the peak memory
 at each pair come from the ``time_*`` / ``peak_rss_gb`` / ``gpu_peak_gb`` columns the bundle's
-writer puts in ``metrics.json``. Nothing of the bundle is imported here.
+writer puts in ``metrics.json``. Each row's last pair is a known deformation (the fixed subject warped by a
+smooth field of up to ``KNOWN_AMPLITUDE_MM``, made once): its field error (the distance from the true
+displacement, mean and 95th percentile inside the fixed scan's organs) and Dice are reported apart, and the
+other columns' medians leave it out. Nothing of the bundle is imported here.
 
 One command, printed with the machine's load so a number taken on a busy machine is read as such:
 
@@ -27,11 +30,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .bundles import BUNDLES, bundle_command, bundle_env
 from .errors import UsageError
 from .synth import PRESETS, generate
 
 BUNDLE = BUNDLES / "registration"
+KNOWN_ID = 99  # subject id of the known-deformation moving scan (AbdomenCTCT_0099_0000)
+KNOWN_AMPLITUDE_MM = 14.0  # largest true displacement, as the real-CT check in the docs
 PHASES = ("time_load_s", "time_field_s", "time_warp_s", "time_inverse_s", "time_metrics_s", "time_write_s")
 
 
@@ -81,9 +88,93 @@ def make_pairs(out: Path, size: str, n_pairs: int) -> Path:
         }
         for m in items[1 : n_pairs + 1]
     ]
+    fixed = [str(dataset.parent / items[0][k]) for k in ("image", "label")]
+    pairs.append(make_known_pair(root / "known", *fixed))
     path = dataset.with_name("bench_pairs.json")
     path.write_text(json.dumps({"registration_val": pairs}, indent=1))
     return path
+
+
+def smooth_displacement(shape: tuple[int, ...], amplitude_vox: float, seed: int = 7) -> np.ndarray:
+    """A smooth random field (3, *shape) in voxels: Gaussian noise on a 5x4x6 grid upsampled cubically,
+    scaled so its largest displacement is ``amplitude_vox``."""
+    from scipy.ndimage import zoom
+
+    coarse = np.random.default_rng(seed).normal(size=(3, 5, 4, 6))
+    field = np.stack([zoom(c, [s / n for s, n in zip(shape, c.shape, strict=True)], order=3) for c in coarse])
+    return (field * amplitude_vox / np.linalg.norm(field, axis=0).max()).astype(np.float32)
+
+
+def invert_displacement(u: np.ndarray, iterations: int = 40) -> np.ndarray:
+    """``w`` with ``w(y) = -u(y + w(y))`` (fixed-point iteration), so that ``x -> x + u(x)`` and
+    ``y -> y + w(y)`` are inverse maps; converges for smooth fields (|grad u| < 1)."""
+    import torch
+    import torch.nn.functional as F
+
+    shape = u.shape[1:]
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    ref = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+    scale = torch.tensor([2.0 / (n - 1) for n in shape]).view(3, 1, 1, 1)
+    ut = torch.from_numpy(u)[None]
+    w = -torch.from_numpy(u)
+    for _ in range(iterations):
+        grid = ((ref + w) * scale - 1.0).permute(1, 2, 3, 0).flip(-1)[None]
+        w = -F.grid_sample(ut, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return w.numpy()
+
+
+def make_known_pair(folder: Path, image: str, label: str) -> dict:
+    """The fixed subject warped by a known smooth field: ``moving(x + u(x)) = fixed(x)`` with ``u`` saved
+    (voxels, (3, D, H, W)) beside it as ``true_disp.npy``. Made once."""
+    import nibabel as nib
+    from scipy.ndimage import map_coordinates
+
+    name = f"AbdomenCTCT_{KNOWN_ID:04d}_0000.nii.gz"
+    out = {
+        "image": folder / "images" / name,
+        "label": folder / "labels" / name,
+        "disp": folder / "true_disp.npy",
+    }
+    pair = {
+        "fixed": image,
+        "moving": str(out["image"]),
+        "fixed_label": label,
+        "moving_label": str(out["label"]),
+    }
+    if all(p.is_file() for p in out.values()):
+        return pair
+    fixed_img, fixed_lab = nib.load(image), nib.load(label)
+    spacing = np.linalg.norm(fixed_img.affine[:3, :3], axis=0)
+    u = smooth_displacement(fixed_img.shape, KNOWN_AMPLITUDE_MM / float(spacing.min()))
+    w = invert_displacement(u)
+    coords = np.indices(fixed_img.shape, dtype=np.float32) + w  # moving(y) = fixed(y + w(y))
+    moving = map_coordinates(np.asarray(fixed_img.dataobj, np.float32), coords, order=1, mode="nearest")
+    moving_lab = map_coordinates(np.asarray(fixed_lab.dataobj), coords, order=0, mode="nearest")
+    for key in ("image", "label"):
+        out[key].parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(moving.astype(np.int16), fixed_img.affine), out["image"])
+    nib.save(nib.Nifti1Image(moving_lab.astype(np.uint8), fixed_lab.affine), out["label"])
+    np.save(out["disp"], u)  # last: its presence marks the pair as complete
+    return pair
+
+
+def field_error(out_dir: Path, pair: dict) -> dict:
+    """The known pair's field error in mm inside the fixed scan's organs: mean and 95th percentile of
+    |estimated - true displacement|, and the true displacement's own mean there (the identity's error)."""
+    import nibabel as nib
+
+    truth = np.load(Path(pair["moving"]).parent.parent / "true_disp.npy")
+    (path,) = sorted((out_dir / "submission").glob(f"*_{KNOWN_ID:04d}_0000.nii*"))
+    estimate = np.moveaxis(np.asarray(nib.load(path).dataobj, np.float32), -1, 0)
+    fixed = nib.load(pair["fixed_label"])
+    spacing = np.linalg.norm(fixed.affine[:3, :3], axis=0).reshape(3, 1, 1, 1)
+    organs = np.asarray(fixed.dataobj) > 0
+    error = np.linalg.norm((estimate - truth) * spacing, axis=0)[organs]
+    return {
+        "field_error_mm": float(error.mean()),
+        "field_error_p95_mm": float(np.percentile(error, 95)),
+        "field_error_initial_mm": float(np.linalg.norm(truth * spacing, axis=0)[organs].mean()),
+    }
 
 
 def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: dict) -> dict:
@@ -114,7 +205,18 @@ def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: d
     # ru_maxrss: KiB on Linux (bytes on macOS); for wait4 the max over the process and its waited children
     peak = usage.ru_maxrss / 1e9 if sys.platform == "darwin" else usage.ru_maxrss * 1024 / 1e9
     cases = json.loads((out_dir / "metrics.json").read_text())["cases"]
-    return summarise(row, wall, usage.ru_utime + usage.ru_stime, peak, cases)
+    known = json.loads(pairs_file.read_text())["registration_val"][-1]
+    known_case = next(c for c in cases if Path(c["moving"]).name == Path(known["moving"]).name)
+    others = [c for c in cases if c is not known_case]
+    result = summarise(row, wall, usage.ru_utime + usage.ru_stime, peak, others)
+    result["pairs"] = len(cases)
+    result["startup_s"] = wall - sum(c.get("time_pair_s", 0.0) for c in cases)
+    result["known"] = field_error(out_dir, known) | {
+        "dice": known_case.get("dice"),
+        "dice_initial": known_case.get("dice_initial"),
+        "time_pair_s": known_case.get("time_pair_s"),
+    }
+    return result
 
 
 def _median(cases: list[dict], key: str) -> float | None:
@@ -155,6 +257,8 @@ def network(**settings) -> dict:
 
 
 METHODS = ("reference", "default", "syn", "convexadam")
+# instance optimisation as ConvexAdam schedules it (and this bundle did before coarse-to-fine levels)
+CONVEXADAM_SCHEDULE = {"instance_optimiser#grid_spacing": 2, "instance_optimiser#iterations": 80}
 
 
 def check_arguments(
@@ -175,9 +279,12 @@ def check_arguments(
         raise UsageError(f"--ckpt_path {ckpt_path}: no such file")
 
 
-def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full") -> list[Row]:
-    """The benchmark's rows: every method at the ``main`` size, then the default (and reference) at the
-    other sizes."""
+def rows_for(
+    methods: list[str], sizes: list[str], tto: bool, main: str = "full", trained: bool = False
+) -> list[Row]:
+    """The benchmark's rows: every method at the ``main`` size (with ``tto`` instance optimisation with the
+    bundle's schedule and with ConvexAdam's, from the network when ``trained`` else from the identity), then
+    the default (and reference) at the other sizes."""
     catalogue = {
         "reference": Row("reference", main, overrides=network(channel_multiplier=8, downsample=1)),
         "default": Row("default", main, overrides=network()),
@@ -189,7 +296,12 @@ def rows_for(methods: list[str], sizes: list[str], tto: bool, main: str = "full"
         if "instance_opt" not in json.loads((BUNDLE / "configs" / "inference.json").read_text()):
             raise ValueError("--tto: this bundle's inference.json has no instance_opt switch yet")
         at = methods.index("default") + 1 if "default" in methods else 0
-        rows.insert(at, Row("default+tto", main, overrides={**network(), "instance_opt": True}))
+        start = "default" if trained else "identity"  # untrained weights make no start worth refining
+        io = {**network(), "instance_opt": True, "instance_opt_start": "network" if trained else "identity"}
+        rows[at:at] = [
+            Row(f"{start}+io", main, overrides=io),
+            Row(f"{start}+io (80 it, 1/2 grid)", main, overrides={**io, **CONVEXADAM_SCHEDULE}),
+        ]
     for size in sizes:
         if size == main:
             continue
@@ -208,9 +320,10 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
     syn = full.get("ants_syn", {}).get("per_pair", {}).get("time_pair_s")
     head = (
         "| method | grid | s / pair | CPU s / pair | load | field | warp | inverse | metrics | write (bg) | first pair | startup "
-        "| peak RSS GB | GPU GB | Dice (initial) | x faster than reference | x faster than SyN |"
+        "| peak RSS GB | GPU GB | Dice (initial) | known: Dice | known: field error mm (p95) "
+        "| x faster than reference | x faster than SyN |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 19]
 
     def f(v, fmt="{:.1f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
@@ -219,11 +332,13 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
         p = r["per_pair"]
         t = p.get("time_pair_s")
         dice = f"{f(r['dice'], '{:.3f}')} ({f(r['dice_initial'], '{:.3f}')})"
+        known = r.get("known", {})
+        error = f"{f(known.get('field_error_mm'), '{:.2f}')} ({f(known.get('field_error_p95_mm'), '{:.2f}')})"
         lines.append(
             f"| {r['name']} | {'x'.join(map(str, r['grid']))} | {f(t)} | {f(p.get('cpu_pair_s'))} | "
             + " | ".join(f(p.get(k)) for k in PHASES)
             + f" | {f(r['first_pair_s'])} | {f(r['startup_s'])} | {f(r['peak_rss_gb'], '{:.2f}')} | "
-            f"{f(r['gpu_peak_gb'], '{:.2f}')} | {dice} | "
+            f"{f(r['gpu_peak_gb'], '{:.2f}')} | {dice} | {f(known.get('dice'), '{:.3f}')} | {error} | "
             f"{f(ref / t if ref and t and r['size'] == main else None, '{:.1f}')} | "
             f"{f(syn / t if syn and t and r['size'] == main else None, '{:.1f}')} |"
         )
@@ -235,9 +350,17 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
         "s / pair: median over the pairs after the first (load + field + warp + metrics; the files are "
         "written in a background thread beside the metrics, 'write (bg)' is that thread's time); CPU s / pair: "
         "CPU seconds of all the process's threads for a pair (what the pair costs on a loaded machine); "
-        "startup: imports, config and network set-up once per process; peak RSS: whole process."
+        "startup: imports, config and network set-up once per process; peak RSS: whole process. "
+        "known: the pair whose moving scan is the fixed one warped by a known smooth field (up to "
+        f"{KNOWN_AMPLITUDE_MM:g} mm; left out of the other columns): Dice, and the mean (95th percentile) distance "
+        "in mm between the estimated and the true displacement inside the fixed scan's organs"
+        + (f" (identity: {initial:.2f} mm)." if (initial := _initial_error(results)) is not None else ".")
     )
     return "\n".join(lines) + "\n"
+
+
+def _initial_error(results: list[dict]) -> float | None:
+    return next((r["known"]["field_error_initial_mm"] for r in results if "known" in r), None)
 
 
 def bench_infer(
@@ -272,7 +395,7 @@ def bench_infer(
     if device:
         extra["device"] = f"$torch.device('{device}')"
     results = []
-    for row in rows_for(method_list, size_list, tto, size):
+    for row in rows_for(method_list, size_list, tto, size, trained=bool(ckpt_path)):
         row_extra = dict(extra)
         if ckpt_path and row.name.startswith("default"):
             row_extra.update({"ckpt_path": str(Path(ckpt_path).resolve()), "require_checkpoint": True})

@@ -102,10 +102,14 @@ class InstanceOptimiser:
     average-pooled onto the coarse grid once; every iteration works there (as ConvexAdam), and the result is
     upsampled trilinearly and added to the starting field.
 
+    Coarse to fine: with lists, ``grid_spacing`` ``[4, 2]`` and ``iterations`` ``[40, 20]`` run 40 steps on a
+    quarter-resolution grid, then 20 on a half-resolution grid started from the result (a level costs about
+    ``1 / grid_spacing**3`` of the full-resolution grid per step, so most steps belong on the coarse level).
+
     Args:
-        iterations: Adam steps per pair.
+        iterations: Adam steps per pair (one per level with a list of ``grid_spacing``).
         lr: Adam learning rate, in coarse voxels (ConvexAdam: 1).
-        grid_spacing: full-resolution voxels per coarse voxel (ConvexAdam: 2).
+        grid_spacing: full-resolution voxels per coarse voxel (ConvexAdam: 2); a list gives the levels, coarse first.
         reg_weight: weight of the diffusion regulariser (ConvexAdam: 1.25, on coarse-voxel displacements).
         smooth_passes: 3x3x3 average pools applied to the grid at every step (ConvexAdam: 3).
         similarity: image loss ``loss(warped, fixed)`` on the coarse images (default MSE).
@@ -116,9 +120,9 @@ class InstanceOptimiser:
 
     def __init__(
         self,
-        iterations: int = 80,
+        iterations: int | Sequence[int] = 80,
         lr: float = 1.0,
-        grid_spacing: int = 2,
+        grid_spacing: int | Sequence[int] = 2,
         reg_weight: float = 1.25,
         smooth_passes: int = 3,
         similarity: nn.Module | None = None,
@@ -126,8 +130,18 @@ class InstanceOptimiser:
         dice_weight: float = 0.0,
         num_organs: int = 13,
     ) -> None:
-        self.iterations, self.lr = int(iterations), float(lr)
-        self.grid_spacing, self.smooth_passes = int(grid_spacing), int(smooth_passes)
+        spacings = (
+            [int(grid_spacing)] if isinstance(grid_spacing, (int, float)) else [int(g) for g in grid_spacing]
+        )
+        steps = [int(iterations)] if isinstance(iterations, (int, float)) else [int(i) for i in iterations]
+        if len(steps) != len(spacings) or not spacings or min(spacings) < 1 or min(steps) < 0:
+            raise ValueError(
+                f"instance optimisation: grid_spacing {grid_spacing!r} and iterations {iterations!r} need one "
+                "whole number of iterations (>= 0) per grid spacing (>= 1)"
+            )
+        self.levels = list(zip(spacings, steps, strict=True))
+        self.iterations, self.lr = sum(steps), float(lr)
+        self.smooth_passes = int(smooth_passes)
         self.reg_weight, self.sim_weight, self.dice_weight = (
             float(reg_weight),
             float(sim_weight),
@@ -161,9 +175,24 @@ class InstanceOptimiser:
         base = (
             base.detach().float().clone()
         )  # a plain tensor: the network's output may be an inference tensor
-        if self.iterations <= 0:
-            return base
-        coarse = tuple(max(3, math.ceil(s / self.grid_spacing)) for s in spatial)
+        for spacing, iterations in self.levels:
+            if iterations > 0:
+                base = self._refine(moving, fixed, base, spacing, iterations, moving_seg, fixed_seg)
+        return base
+
+    def _refine(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        base: torch.Tensor,
+        grid_spacing: int,
+        iterations: int,
+        moving_seg: torch.Tensor | None,
+        fixed_seg: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One level: ``iterations`` Adam steps on a grid ``grid_spacing`` times coarser, added to ``base``."""
+        spatial = tuple(fixed.shape[2:])
+        coarse = tuple(max(3, math.ceil(s / grid_spacing)) for s in spatial)
         scale = torch.tensor([s / c for s, c in zip(spatial, coarse, strict=True)], device=fixed.device)
         scale = scale.view(1, 3, 1, 1, 1)
 
@@ -190,7 +219,7 @@ class InstanceOptimiser:
         residual = torch.zeros(1, 3, *coarse, device=fixed.device, requires_grad=True)
         optimiser = torch.optim.Adam([residual], lr=self.lr)
         with torch.enable_grad():
-            for _ in range(self.iterations):
+            for _ in range(iterations):
                 optimiser.zero_grad(set_to_none=True)
                 field = base_c + apply_smoothing(residual, mats)
                 loss = self.sim_weight * self.similarity(warp(mov_c, field), fix_c)
