@@ -39,13 +39,19 @@ def blobs(shift=(0.0, 0.0, 0.0), shape=SHAPE, n=14, seed=1) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("axis, shift", [(0, 3.0), (1, -2.5), (2, 3.0)])
-@pytest.mark.parametrize("schedule", [(2, 80), ([4, 2], [40, 20])], ids=["one level", "coarse to fine"])
+@pytest.mark.parametrize(
+    "schedule",
+    [(2, 80, None), ([4, 2], [40, 20], None), ([4, 2], [40, 20], "mind")],
+    ids=["one level", "coarse to fine", "coarse to fine on MIND features"],
+)
 def test_recovers_a_known_shift_from_the_identity(axis, shift, schedule):
     move = [0.0, 0.0, 0.0]
     move[axis] = shift
     fixed, moving = blobs(), blobs(tuple(move))  # moving(y) = fixed(y - shift): u = +shift along ``axis``
-    spacing, iterations = schedule
-    ddf = IO.InstanceOptimiser(iterations=iterations, grid_spacing=spacing)(moving, fixed)
+    spacing, iterations, features = schedule
+    options = {"features": IO.MINDFeatures(dilation=1, spacing=2), "sim_weight": 12.0} if features else {}
+    ddf = IO.InstanceOptimiser(iterations=iterations, grid_spacing=spacing, **options)(moving, fixed)
+    assert ddf.shape == (1, 3, *SHAPE)
     inner = ddf[0, :, 8:-8, 8:-8, 8:-8].mean(dim=(1, 2, 3))
     assert inner[axis] == pytest.approx(shift, abs=0.6), inner
     others = [inner[i] for i in range(3) if i != axis]

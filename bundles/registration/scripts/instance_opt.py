@@ -30,7 +30,14 @@ from scripts.fields import ddf_of
 from scripts.losses import masked_dice_loss, one_hot_organs, organ_mask
 from scripts.transforms import PSEUDO
 
-__all__ = ["InstanceOptimiser", "InstanceOptIteration", "smooth_field", "diffusion", "GridWarp"]
+__all__ = [
+    "InstanceOptimiser",
+    "InstanceOptIteration",
+    "MINDFeatures",
+    "smooth_field",
+    "diffusion",
+    "GridWarp",
+]
 
 STARTS = ("network", "identity")
 
@@ -93,6 +100,30 @@ class GridWarp:
         return F.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
 
 
+class MINDFeatures(nn.Module):
+    """ConvexAdam's image features for the similarity term: the MIND-SSC descriptor (12 channels, the
+    ``convexadam`` package's ``MINDSSC``) of the mean of a scan's windowed channels, on a grid ``spacing``
+    times coarser than the scan (average-pooled first).
+
+    Why: MIND compares each voxel's neighbourhood with itself, so it is insensitive to the contrast and
+    intensity offsets between two patients' scans, which an intensity MSE fits as deformation. On the pooled
+    grid it costs ``1 / spacing**3`` of the full-resolution descriptor, and the optimiser's levels are no finer.
+    """
+
+    def __init__(self, radius: int = 1, dilation: int = 2, spacing: int = 1) -> None:
+        super().__init__()
+        self.radius, self.dilation, self.spacing = int(radius), int(dilation), int(spacing)
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        from convexAdam.convex_adam_utils import MINDSSC  # imported only where MIND is used
+
+        image = torch.as_tensor(image).float().mean(1, keepdim=True)
+        if self.spacing > 1:
+            image = F.adaptive_avg_pool3d(image, [math.ceil(s / self.spacing) for s in image.shape[2:]])
+        return MINDSSC(image, self.radius, self.dilation, device=image.device)
+
+
 class InstanceOptimiser:
     """Adam on a residual displacement grid at ``1 / grid_spacing`` resolution for one pair.
 
@@ -114,6 +145,8 @@ class InstanceOptimiser:
         smooth_passes: 3x3x3 average pools applied to the grid at every step (ConvexAdam: 3).
         similarity: image loss ``loss(warped, fixed)`` on the coarse images (default MSE).
         sim_weight: weight of the image term.
+        features: applied once to both scans before the levels (``MINDFeatures``: ConvexAdam's MIND-SSC);
+            None compares the windowed channels themselves.
         dice_weight: weight of the Dice term; > 0 needs predicted labels of both scans.
         num_organs: organs 1..num_organs of the label maps.
     """
@@ -129,6 +162,7 @@ class InstanceOptimiser:
         sim_weight: float = 1.0,
         dice_weight: float = 0.0,
         num_organs: int = 13,
+        features: nn.Module | None = None,
     ) -> None:
         spacings = (
             [int(grid_spacing)] if isinstance(grid_spacing, (int, float)) else [int(g) for g in grid_spacing]
@@ -149,6 +183,7 @@ class InstanceOptimiser:
         )
         self.num_organs = int(num_organs)
         self.similarity = similarity if similarity is not None else nn.MSELoss()
+        self.features = features
         self.dice = DiceLoss(include_background=True, reduction="none", smooth_nr=1e-5, smooth_dr=1e-5)
 
     @property
@@ -175,6 +210,8 @@ class InstanceOptimiser:
         base = (
             base.detach().float().clone()
         )  # a plain tensor: the network's output may be an inference tensor
+        if self.features is not None and any(iterations > 0 for _, iterations in self.levels):
+            moving, fixed = self.features(moving), self.features(fixed)  # possibly on a coarser grid
         for spacing, iterations in self.levels:
             if iterations > 0:
                 base = self._refine(moving, fixed, base, spacing, iterations, moving_seg, fixed_seg)
@@ -191,7 +228,7 @@ class InstanceOptimiser:
         fixed_seg: torch.Tensor | None,
     ) -> torch.Tensor:
         """One level: ``iterations`` Adam steps on a grid ``grid_spacing`` times coarser, added to ``base``."""
-        spatial = tuple(fixed.shape[2:])
+        spatial = tuple(base.shape[2:])  # the field's grid (the images may be pooled features)
         coarse = tuple(max(3, math.ceil(s / grid_spacing)) for s in spatial)
         scale = torch.tensor([s / c for s, c in zip(spatial, coarse, strict=True)], device=fixed.device)
         scale = scale.view(1, 3, 1, 1, 1)
