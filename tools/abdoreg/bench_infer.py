@@ -258,7 +258,7 @@ def network(**settings) -> dict:
 
 METHODS = ("reference", "default", "syn", "convexadam")
 # instance optimisation as ConvexAdam schedules it (and this bundle did before coarse-to-fine levels)
-CONVEXADAM_SCHEDULE = {"instance_optimiser#grid_spacing": 2, "instance_optimiser#iterations": 80}
+COARSE_TO_FINE = {"instance_optimiser#grid_spacing": [4, 2], "instance_optimiser#iterations": [60, 20]}
 
 
 def check_arguments(
@@ -283,7 +283,7 @@ def rows_for(
     methods: list[str], sizes: list[str], tto: bool, main: str = "full", trained: bool = False
 ) -> list[Row]:
     """The benchmark's rows: every method at the ``main`` size (with ``tto`` instance optimisation with the
-    bundle's schedule and with ConvexAdam's, from the network when ``trained`` else from the identity), then
+    bundle's schedule and coarse to fine, from the network when ``trained`` else from the identity), then
     the default (and reference) at the other sizes."""
     catalogue = {
         "reference": Row("reference", main, overrides=network(channel_multiplier=8, downsample=1)),
@@ -300,7 +300,7 @@ def rows_for(
         io = {**network(), "instance_opt": True, "instance_opt_start": "network" if trained else "identity"}
         rows[at:at] = [
             Row(f"{start}+io", main, overrides=io),
-            Row(f"{start}+io (80 it, 1/2 grid)", main, overrides={**io, **CONVEXADAM_SCHEDULE}),
+            Row(f"{start}+io (60 it at 1/4, 20 at 1/2)", main, overrides={**io, **COARSE_TO_FINE}),
         ]
     for size in sizes:
         if size == main:
@@ -379,8 +379,9 @@ def bench_infer(
     methods: any of reference (paper size: multiplier 8, full-resolution field), default
     (train.json's network), syn (ANTs SyN), convexadam. sizes: synthetic grids for the scaling
     rows (tiny 48x40x64, demo 72x60x96, small 96x80x128, full 192x160x256). pairs: pairs per row.
-    threads: OMP_NUM_THREADS of the bundle processes (default: inherited). tto: add the default with
-    test-time instance optimisation. ckpt_path: trained weights of the default network (else its
+    threads: OMP_NUM_THREADS of the bundle processes (default: inherited). tto: add two rows of
+    test-time instance optimisation (the bundle's schedule, and coarse to fine: 60 steps on a quarter-resolution
+    grid then 20 on a half-resolution one), from the network with ``ckpt_path``, else from the identity. ckpt_path: trained weights of the default network (else its
     initial weights: the time is the same, the Dice is not). device: the bundle's ``device`` (e.g.
     ``cuda``; default: cuda when available). size: the grid of the method rows (full: 192x160x256).
     """
