@@ -148,13 +148,18 @@ def test_known_shift_fields_images_and_metrics(shift_pair, shifted_run):
     np.testing.assert_allclose(
         itk_field.reshape(-1, 3), np.broadcast_to(expected_lps, (itk_field[..., 0].size, 3))
     )
+
     # ANTs applying that transform to the moving scan gives the fixed scan (it is fixed moved by -SHIFT)
-    res = ants.apply_transforms(
-        fixed=S.to_ants(fixed.get_fdata().astype(np.float32), fixed.affine),
-        moving=S.to_ants(moving.get_fdata().astype(np.float32), moving.affine),
-        transformlist=[str(pair_dir / "itk_displacement.nii.gz")],
-        defaultvalue=-1024,
-    ).numpy()
+    def ants_warp(onto: nib.Nifti1Image, image: nib.Nifti1Image, transform: str) -> np.ndarray:
+        """``image`` resampled onto ``onto``'s grid by antsApplyTransforms with the pair's ITK ``transform``."""
+        return ants.apply_transforms(
+            fixed=S.to_ants(onto.get_fdata().astype(np.float32), onto.affine),
+            moving=S.to_ants(image.get_fdata().astype(np.float32), image.affine),
+            transformlist=[str(pair_dir / transform)],
+            defaultvalue=-1024,
+        ).numpy()
+
+    res = ants_warp(fixed, moving, "itk_displacement.nii.gz")
     inner = (slice(1, -3), slice(4, -1), slice(1, -2))
     np.testing.assert_allclose(res[inner], fixed.get_fdata()[inner], atol=1e-2)
     # warped image and labels: exactly the fixed ones (integer shift), with the fixed affine
@@ -175,12 +180,7 @@ def test_known_shift_fields_images_and_metrics(shift_pair, shifted_run):
     np.testing.assert_allclose(
         itk_inverse.reshape(-1, 3), np.broadcast_to(-expected_lps, (itk_inverse[..., 0].size, 3)), atol=1e-2
     )
-    back = ants.apply_transforms(
-        fixed=S.to_ants(moving.get_fdata().astype(np.float32), moving.affine),
-        moving=S.to_ants(fixed.get_fdata().astype(np.float32), fixed.affine),
-        transformlist=[str(pair_dir / "itk_inverse_displacement.nii.gz")],
-        defaultvalue=-1024,
-    ).numpy()
+    back = ants_warp(moving, fixed, "itk_inverse_displacement.nii.gz")
     inner_m = (
         slice(3, -1),
         slice(1, -4),

@@ -37,6 +37,16 @@ def blob(centre=(13, 12, 18)) -> np.ndarray:
     return np.exp(-(((g - c) ** 2) / np.array([20.0, 30.0, 40.0])[:, None, None, None]).sum(0)) * 1000 - 500
 
 
+def ants_warp(image: np.ndarray, transform, aff: np.ndarray) -> np.ndarray:
+    """``image`` (on the grid ``aff``) warped by antsApplyTransforms with the ITK transform file ``transform``."""
+    return ants.apply_transforms(
+        fixed=S.to_ants(np.zeros(SHAPE), aff),
+        moving=S.to_ants(image, aff),
+        transformlist=[str(transform)],
+        defaultvalue=-500,
+    ).numpy()
+
+
 def test_names_and_lookup(tmp_path):
     f, m = "imagesTr/AbdomenCTCT_0001_0000.nii.gz", "imagesTr/AbdomenCTCT_0004_0000.nii.gz"
     assert F.field_name(f, m) == "disp_0001_0000_0004_0000.nii.gz"
@@ -102,12 +112,7 @@ def test_known_translation_both_formats(tmp_path, convention):
     np.testing.assert_allclose(np.array(tx.TransformPoint([float(v) for v in p_fixed])), p_moving, atol=1e-3)
 
     # antsApplyTransforms with our file reproduces our warped image
-    out = ants.apply_transforms(
-        fixed=S.to_ants(np.zeros(SHAPE), aff),
-        moving=S.to_ants(moving, aff),
-        transformlist=[str(path)],
-        defaultvalue=-500,
-    ).numpy()
+    out = ants_warp(moving, path, aff)
     np.testing.assert_allclose(out[INNER], warped[INNER], atol=0.05)
 
 
@@ -128,12 +133,7 @@ def test_known_affine_both_formats(tmp_path):
     assert np.corrcoef(warped[inner].ravel(), fixed[inner].ravel())[0, 1] > 0.995
 
     path = F.save_itk_displacement(tmp_path / "tx.nii.gz", field, aff)
-    out = ants.apply_transforms(
-        fixed=S.to_ants(np.zeros(SHAPE), aff),
-        moving=S.to_ants(moving, aff),
-        transformlist=[str(path)],
-        defaultvalue=-500,
-    ).numpy()
+    out = ants_warp(moving, path, aff)
     np.testing.assert_allclose(out[inner], warped[inner], atol=0.5)
     # the physical field is the voxel field through the affine, and back
     ras = F.voxel_to_world(field, aff)
@@ -181,12 +181,7 @@ def test_ants_applies_the_inverse_itk_transform_as_our_inverse_warp(tmp_path):
     inverse = F.invert_field(field, grid=1, iterations=20)
     ours = F.warp_array(fixed, inverse, order=1, cval=-500)  # warped_fixed(y) = fixed(y + v(y))
     path = F.save_itk_displacement(tmp_path / "inverse.nii.gz", inverse, aff)
-    out = ants.apply_transforms(
-        fixed=S.to_ants(np.zeros(SHAPE), aff),
-        moving=S.to_ants(fixed, aff),
-        transformlist=[str(path)],
-        defaultvalue=-500,
-    ).numpy()
+    out = ants_warp(fixed, path, aff)
     np.testing.assert_allclose(out[INNER], ours[INNER], atol=0.5)
     # and the moving scan (the fixed scan deformed by the inverse) registered back by the forward field
     moving = ours
