@@ -257,7 +257,7 @@ def network(**settings) -> dict:
 
 
 METHODS = ("reference", "default", "syn", "convexadam")
-# instance optimisation as ConvexAdam schedules it (and this bundle did before coarse-to-fine levels)
+# the second instance-optimisation row of --tto: most steps on a quarter-resolution grid, the last on a half-resolution one
 COARSE_TO_FINE = {"instance_optimiser#grid_spacing": [4, 2], "instance_optimiser#iterations": [60, 20]}
 
 

@@ -174,7 +174,7 @@ class InstanceOptimiser:
                 "whole number of iterations (>= 0) per grid spacing (>= 1)"
             )
         self.levels = list(zip(spacings, steps, strict=True))
-        self.iterations, self.lr = sum(steps), float(lr)
+        self.lr = float(lr)
         self.smooth_passes = int(smooth_passes)
         self.reg_weight, self.sim_weight, self.dice_weight = (
             float(reg_weight),
