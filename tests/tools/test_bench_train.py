@@ -90,3 +90,29 @@ def test_bundle_command_lists_configs_and_passes_literals():
     assert cmd[cmd.index("--bundle_root") + 1] == str(REG_CONFIGS.parent)
     assert set(bench_train.RECIPES) >= {"crops", "fast"}
     assert all((REG_CONFIGS / c).is_file() for configs, _ in bench_train.RECIPES.values() for c in configs)
+
+
+def test_io_curve_scores_each_iteration_count_from_each_start_on_a_finished_run(tmp_path):
+    """`io_curve` reads the demo's data, model and pseudo labels, and has one report row per start and iteration
+    count, each running that many instance-optimisation iterations."""
+    _, stages = load_pipeline(PIPELINES / "io_curve.yaml", tmp_path)
+    evals = [s for s in stages if s.bundle == "registration"]
+    iterations = {s.overrides["instance_optimiser#iterations"] for s in evals}
+    assert iterations == {"10", "20", "40", "80"} and len(evals) == 12
+    for s in evals:
+        assert s.configs == ["inference.json", "evaluate.json"] and s.overrides["instance_opt"] == "True"
+        assert s.row.endswith(f", {s.overrides['instance_optimiser#iterations']} it.")
+        assert s.overrides["datalist"] == str(tmp_path / "preprocessed" / "datalist.json")
+        if "identity" in s.name:
+            assert s.overrides["instance_opt_start"] == "identity" and "ckpt_path" not in s.overrides
+        else:
+            model = tmp_path / "registration" / "finetune_pseudo" / "models" / "model.pt"
+            assert s.overrides["ckpt_path"] == str(model)
+            labelled = "pseudo_datalist" in s.overrides
+            assert labelled == ("labels" in s.name)
+    assert len({s.outputs[0] for s in evals}) == 12  # no two stages write the same metrics
+    (report,) = [s for s in stages if s.builtin == "report"]
+    assert list(report.args["methods"]) == [s.row for s in evals]
+    assert set(report.args["compare_to"]) <= set(report.args["methods"])
+    deps = dependencies(stages)
+    assert deps[report.name] == {s.name for s in evals}

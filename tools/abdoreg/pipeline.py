@@ -82,7 +82,8 @@ def find_pipeline(config: str | os.PathLike) -> Path:
 
 
 def _expand(stages: list[dict], tables: dict) -> list[dict]:
-    """Stages with ``foreach: <table>`` repeated for each entry of that table (``{cohort}``, ``{cohort_dir}``)."""
+    """Stages with ``foreach: <table>`` repeated for each entry of that table: ``foreach: cohorts`` sets
+    ``{cohort}`` to each key and ``{cohort_dir}`` to its value (a table's name less its final s)."""
     out = []
     for stage in stages:
         table = stage.get("foreach")
@@ -110,7 +111,8 @@ def read_spec(path: str | os.PathLike) -> dict:
         unknown = sorted(set(own_vars) - set(graph.get("vars", {}) or {}))
         if unknown:
             raise UsageError(f"{path}: variables {unknown} are not variables of its graph {graph_name}")
-    stages = _expand(graph.get("stages", []), {"cohorts": graph.get("cohorts", {}) or {}})
+    tables = {k: v for k, v in graph.items() if k not in ("vars", "env") and isinstance(v, dict)}
+    stages = _expand(graph.get("stages", []), tables)
     skip = list(spec.get("skip", []) or [])
     names = [s["name"] for s in stages]
     unknown = [s for s in skip if s not in names]
