@@ -135,11 +135,12 @@ class RegistrationWriter:
     the warped image and labels on the fixed grid (fixed affine), a QC PNG and the metrics; and at
     the end the metrics CSV/JSON over all pairs and the submission zip.
 
-    Many pairs: only the metric rows are kept, never arrays. The files of a pair are written by one
-    background thread (zlib compression releases the GIL) while the main thread computes that pair's
-    metrics; they are finished before the pair's row is returned, so no arrays outlive their pair. Each row also records where the pair's time went (``time_load_s``,
+    Many pairs: only the metric rows are kept, never arrays. The files of a pair are written by
+    ``write_threads`` background threads, one file each at a time (zlib compression releases the GIL), while
+    the main thread computes that pair's inverse and metrics; they are finished before the pair's row is
+    returned, so no arrays outlive their pair. Each row also records where the pair's time went (``time_load_s``,
     ``time_field_s`` = network or classical method, ``time_warp_s``, ``time_metrics_s``,
-    ``time_write_s``, ``time_pair_s`` from loading to metrics, ``cpu_pair_s`` its CPU seconds, all
+    ``time_write_s`` summed over the files, ``time_pair_s`` from loading to the last file written, ``cpu_pair_s`` its CPU seconds, all
     threads) and the process's peak memory so far
     (``peak_rss_gb``; ``gpu_peak_gb`` on CUDA), which the inference benchmark reads. With
     ``release_batch`` the engine's reference to the written pair is dropped, so the next pair is
@@ -170,6 +171,7 @@ class RegistrationWriter:
         pairs: Sequence[Mapping[str, str]] | None = None,
         extra_inputs: Sequence[str] = (),
         overwrite: bool | str = False,
+        write_threads: int = 2,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.labels = tuple(int(x) for x in labels)
@@ -181,10 +183,11 @@ class RegistrationWriter:
         self.write_inverse, self.inverse_grid = as_flag(write_inverse), int(inverse_grid)
         self.flag_folding, self.flag_overlap = float(flag_folding), float(flag_overlap)
         self.pairs, self.extra_inputs, self.overwrite = pairs, list(extra_inputs or []), as_flag(overwrite)
+        self.write_threads = max(1, int(write_threads))
         self.rows: list[dict] = []
         self._marks: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._pending: list[Future] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -203,7 +206,10 @@ class RegistrationWriter:
         for path in remove_stale_temps(self.output_dir):  # what a killed run left
             logger.info("removed %s, left by an interrupted run", path)
         self.rows = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registration-writer")
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.write_threads, thread_name_prefix="registration-writer")
 
     def _mark(self, engine: Engine, name: str) -> None:
         self._marks[name] = time.perf_counter()
@@ -234,26 +240,27 @@ class RegistrationWriter:
         if self.release_batch:  # else the engine holds this pair while the next one is loaded
             engine.state.batch = engine.state.output = None
 
-    def _files(self, jobs: list[Callable[[], object]], after_previous: bool = True) -> Future:
-        """Write files in the background thread; first wait until the previous pair's are written."""
+    def _files(self, jobs: list[Callable[[], object]], after_previous: bool = True) -> list[Future]:
+        """Write files in the background threads (one job per file); first wait until the previous pair's
+        are written. Each future gives its job's seconds."""
         if after_previous:
             self._wait()
         if self._pool is None:  # used outside an engine
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registration-writer")
+            self._pool = self._new_pool()
 
-        def run() -> float:
+        def timed(job: Callable[[], object]) -> float:
             t0 = time.perf_counter()
-            for job in jobs:
-                job()
+            job()
             return time.perf_counter() - t0
 
-        self._pending = self._pool.submit(run)
-        return self._pending
+        futures = [self._pool.submit(timed, job) for job in jobs]
+        self._pending.extend(futures)
+        return futures
 
     def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()  # re-raises a failed write here
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises a failed write here
 
     def write_pair(
         self,
@@ -354,7 +361,7 @@ class RegistrationWriter:
                         self.itk_convention,
                     )
                 )
-        files = [self._files(jobs)]
+        files = self._files(jobs)
         det = jacobian_determinant(field)  # for the metrics and the QC figure
         checks = self._checks(fixed, warped, det)
         if checks["qc_flags"]:
@@ -364,7 +371,7 @@ class RegistrationWriter:
                 f"\nFLAGGED: {checks['qc_flags']}" if checks["qc_flags"] else ""
             )
             qc = partial(qc_figure, fixed, moving, warped, field, pair_dir / "qc.png", spacing, title=title)
-            files.append(self._files([partial(qc, inner_det=det)], after_previous=False))
+            files += self._files([partial(qc, inner_det=det)], after_previous=False)
         metrics = pair_metrics(
             field,
             label_map(batch[SEG["fixed"]][b, 0], max(self.labels), fixed_path) if has_labels else None,
@@ -432,7 +439,7 @@ class RegistrationWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._pending = None
+        self._pending = []
 
     def _gather_rows(self) -> list[dict] | None:
         """Every process's rows, in the pair list's order, on rank 0 (None on the other ranks).
