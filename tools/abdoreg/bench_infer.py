@@ -348,7 +348,7 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
         f"{info['cpu']}, {info['cores']} cores, OMP_NUM_THREADS={info['omp_num_threads']}, "
         f"load average before {load} / after {info.get('load_after')}; {info['date']}. "
         "s / pair: median over the pairs after the first (load + field + warp + metrics; the files are "
-        "written by two background threads beside the inverse and the metrics, 'write (bg)' is their summed time); CPU s / pair: "
+        "written by the bundle's write_threads background threads beside the inverse and the metrics, 'write (bg)' is their summed time); CPU s / pair: "
         "CPU seconds of all the process's threads for a pair (what the pair costs on a loaded machine); "
         "startup: imports, config and network set-up once per process; peak RSS: whole process. "
         "known: the pair whose moving scan is the fixed one warped by a known smooth field (up to "

@@ -136,7 +136,7 @@ class RegistrationWriter:
     the end the metrics CSV/JSON over all pairs and the submission zip.
 
     Many pairs: only the metric rows are kept, never arrays. The files of a pair are written by
-    ``write_threads`` background threads, one file each at a time (zlib compression releases the GIL), while
+    ``write_threads`` background threads, one file each at a time (gzip compression releases the GIL), while
     the main thread computes that pair's inverse and metrics; they are finished before the pair's row is
     returned, so no arrays outlive their pair. Each row also records where the pair's time went (``time_load_s``,
     ``time_field_s`` = network or classical method, ``time_warp_s``, ``time_metrics_s``,
