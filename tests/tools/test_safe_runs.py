@@ -56,10 +56,14 @@ def test_a_second_run_on_a_work_folder_in_use_is_refused_and_a_killed_ones_is_ta
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # the holder was killed: its lock went with it, the next run takes the folder over
+    # the holder was killed: its lock went with it, the next run takes the folder over and says so
     proc = _cli("pipeline", "run", "--config", str(config), "--work", str(work))
     assert proc.returncode == 0, proc.stderr
     assert (work / "stamps" / "only.json").is_file()
+    assert f"PID {holder.pid}), which ended without finishing" in proc.stdout + proc.stderr
+    # that run finished: the one after it takes over from nobody
+    proc = _cli("pipeline", "run", "--config", str(config), "--work", str(work))
+    assert proc.returncode == 0 and "ended without finishing" not in proc.stdout + proc.stderr, proc.stderr
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,11 @@ class Row:
     configs: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)
 
+    @property
+    def folder(self) -> str:
+        """Its output and log name: the row name in characters a path keeps as one name ("1/4" would nest)."""
+        return re.sub(r"[^A-Za-z0-9+.-]+", "_", f"{self.name}_{self.size}").strip("_")
+
 
 def machine() -> dict:
     """What the numbers were taken on: CPU, cores, threads, load (other work inflates timings)."""
@@ -69,7 +75,16 @@ def machine() -> dict:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "import_monai_s": import_seconds("monai"),
     }
+
+
+def import_seconds(module: str) -> float | None:
+    """Wall seconds of a fresh interpreter that only imports ``module``: the floor under every row's startup
+    (a bundle run cannot start before ``import monai``, which also imports torch and ignite)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True)
+    return time.perf_counter() - t0 if proc.returncode == 0 else None
 
 
 def make_pairs(out: Path, size: str, n_pairs: int) -> Path:
@@ -179,7 +194,7 @@ def field_error(out_dir: Path, pair: dict) -> dict:
 
 def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: dict) -> dict:
     """Run one row's bundle command; wall time, peak memory and the writer's per-pair rows."""
-    out_dir = out / "rows" / f"{row.name}_{row.size}"
+    out_dir = out / "rows" / row.folder
     overrides = {
         "pairs_file": str(pairs_file),
         "pairs_key": "registration_val",
@@ -191,7 +206,7 @@ def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: d
     env = bundle_env(BUNDLE)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    log = out / "logs" / f"{row.name}_{row.size}.log"
+    log = out / "logs" / f"{row.folder}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -350,7 +365,9 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
         "s / pair: median over the pairs after the first (load + field + warp + metrics; the files are "
         "written by the bundle's write_threads background threads beside the inverse and the metrics, 'write (bg)' is their summed time); CPU s / pair: "
         "CPU seconds of all the process's threads for a pair (what the pair costs on a loaded machine); "
-        "startup: imports, config and network set-up once per process; peak RSS: whole process. "
+        "startup: imports, config and network set-up once per process"
+        + (f" (of which `import monai` alone: {v:.1f} s)" if (v := info.get("import_monai_s")) else "")
+        + "; peak RSS: whole process. "
         "known: the pair whose moving scan is the fixed one warped by a known smooth field (up to "
         f"{KNOWN_AMPLITUDE_MM:g} mm; left out of the other columns): Dice, and the mean (95th percentile) distance "
         "in mm between the estimated and the true displacement inside the fixed scan's organs"

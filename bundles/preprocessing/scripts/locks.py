@@ -3,13 +3,15 @@
 ``hold(folder, what)`` takes an exclusive ``fcntl.flock`` on ``<folder>/.lock`` for the life of the process
 (or until ``release``). The kernel drops the lock when its process ends, however it ends, so a killed run
 leaves nothing to clear by hand: the next run takes the folder over and says so. The file records the
-holder's PID, what it does, its command line and its start time, for the message a second run gets.
+holder's PID, what it does, its command line and its start time, for the message a second run gets; a run that
+ends normally (``release``, or at interpreter exit) empties it, so only a run that died leaves a record behind.
 
 This file is the same, byte for byte, in every bundle and in ``tools/abdoreg`` (a test keeps the copies equal).
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import logging
@@ -80,16 +82,25 @@ def hold(folder: str | os.PathLike, what: str = "a run") -> Path:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(record).encode())
+    if not _HELD:
+        atexit.register(_release_all)
     _HELD[key] = fd
     return folder / LOCK_NAME
 
 
 def release(folder: str | os.PathLike) -> None:
-    """Give ``folder`` back (the lock file stays: its content is only read while someone holds it)."""
+    """Give ``folder`` back: the record is emptied (this run finished), the lock file stays."""
     fd = _HELD.pop(str(Path(folder).resolve()), None)
     if fd is not None:
+        os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _release_all() -> None:
+    """At interpreter exit: the folders this process still holds, released as finished."""
+    for folder in list(_HELD):
+        release(folder)
 
 
 @contextmanager
