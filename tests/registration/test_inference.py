@@ -301,7 +301,7 @@ def test_a_folding_or_missed_result_is_flagged_and_no_weights_warning_without_a_
         "registration",
         ["inference.json", "evaluate.json"],
         {"datalist": str(tiny_preprocessed), "output_dir": str(tmp_path / "io"), "instance_opt": "True",
-         "instance_opt_start": "identity", "instance_optimiser#iterations": 2},
+         "instance_opt_start": "identity", "instance_optimiser#iterations": [1, 1]},
     )  # fmt: skip
     assert "initial weights" not in ident.stdout + ident.stderr
 
