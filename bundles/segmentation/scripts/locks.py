@@ -82,8 +82,6 @@ def hold(folder: str | os.PathLike, what: str = "a run") -> Path:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(record).encode())
-    if not _HELD:
-        atexit.register(_release_all)
     _HELD[key] = fd
     return folder / LOCK_NAME
 
@@ -101,6 +99,9 @@ def _release_all() -> None:
     """At interpreter exit: the folders this process still holds, released as finished."""
     for folder in list(_HELD):
         release(folder)
+
+
+atexit.register(_release_all)
 
 
 @contextmanager
