@@ -231,3 +231,30 @@ def test_displacement_heads_predict_the_shift_itself():
     torch.testing.assert_close(warped, torch.roll(moving, -3, dims=2))  # warped(x) = moving(x + 3)
     with pytest.raises(ValueError, match="head_type"):
         _net(head_type="velocity")
+
+
+def test_label_channels_are_read_recorded_and_rebuilt(tmp_path):
+    """A network reading predicted labels takes each scan's organ channels after its windows, records how many,
+    and inference rebuilds it from the checkpoint alone; the labels change its field."""
+    weights = import_bundle_module("registration", "scripts.weights")
+    net = _net(label_channels=13, downsample=2, head_type="displacement").eval()
+    _randomise_heads(net, 0.1)
+    image = torch.rand(1, 1, 16, 16, 16)
+    seg = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
+    seg[..., 4:10, 4:10, 4:10] = 6
+    moving = torch.cat([image, networks.organ_channels(seg, 13)], 1)
+    fixed = torch.cat([image, networks.organ_channels(torch.roll(seg, 3, 2), 13)], 1)
+    assert moving.shape[1] == 14 and moving[0, 6, 5, 5, 5] == 1 and moving[0, 1:, 0, 0, 0].sum() == 0
+    with torch.no_grad():
+        with_labels = net(torch.cat([moving, fixed], 1))
+        same_labels = net(torch.cat([moving, moving], 1))
+    assert with_labels.shape == (1, 3, 16, 16, 16)
+    assert not torch.allclose(with_labels, same_labels)  # the organ channels feed the field
+    with pytest.raises(ValueError, match="1 windows \\+ 13 organs each"):
+        net(torch.cat([image, image], 1))
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    rebuilt = weights.network_from_checkpoint(str(tmp_path / "model.pt")).eval()
+    assert rebuilt.label_channels == 13
+    rebuilt.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(torch.cat([moving, fixed], 1)), with_labels)

@@ -300,6 +300,52 @@ def test_train_symmetric_unsupervised_image_only(tiny_preprocessed, tmp_path):
     assert (out / "models" / "model.pt").is_file()
 
 
+def test_train_and_infer_with_predicted_labels_as_input(tiny_preprocessed, tmp_path):
+    """seg_key: the network reads both scans' predicted labels in training and in inference (found through the
+    segmentation bundle's pseudo datalist); a scan without them is an error that names it. The stand-in
+    pseudo labels are label maps, for plumbing only."""
+    listing = json.loads(Path(tiny_preprocessed).read_text())
+    stand_in = next(it["label"] for it in listing["training"] if it.get("label"))
+    for key in ("training", "validation"):
+        for item in listing[key]:
+            item["pseudo_label"] = item.get("label") or stand_in
+    pseudo = Path(tiny_preprocessed).parent / "datalist_pseudo_seg_input.json"
+    pseudo.write_text(json.dumps(listing))
+    out = tmp_path / "seg_input"
+    proc = _run(pseudo, out, max_epochs=1, seg_key="pseudo_label", crop_size=None, val_at_start="False")
+    assert re.search(r"val_mean_dice: 0\.\d+", proc.stdout + proc.stderr)
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert state["input_block.convs.0.conv.weight"].shape[1] == 3 + 13  # three CT windows + 13 organs
+    infer = {
+        "datalist": str(tiny_preprocessed),
+        "ckpt_path": str(out / "models" / "model.pt"),
+        "write_qc": False,
+        "write_images": False,
+        "num_workers": 0,
+    }
+    run_bundle(
+        "registration",
+        ["inference.json", "evaluate.json"],
+        {**infer, "pseudo_datalist": str(pseudo), "output_dir": str(tmp_path / "eval")},
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["summary"]["num_pairs"] == len(listing["registration_val"])
+    failed = run_bundle(
+        "registration",
+        ["inference.json", "evaluate.json"],
+        {**infer, "output_dir": str(tmp_path / "no")},
+        check=False,
+    )
+    first = Path(listing["registration_val"][0]["moving"]).name
+    assert failed.returncode != 0
+    assert "reads predicted labels" in failed.stderr and first in failed.stderr, failed.stderr[-2000:]
+    # training without them names the case
+    del listing["training"][0]["pseudo_label"]
+    pseudo.write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match=f"{listing['training'][0]['case']} has no 'pseudo_label'"):
+        data.load_cases(pseudo, "training", seg_key="pseudo_label")
+
+
 def test_train_localnet_baseline(tiny_preprocessed, tmp_path):
     out = tmp_path / "localnet"
     _run(tiny_preprocessed, out, configs=[*TRAIN, "train_localnet.json"], max_epochs=1, val_at_start="False")

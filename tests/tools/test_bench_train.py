@@ -70,8 +70,16 @@ def test_bench_pipeline_trains_and_scores_every_ablation_model_with_one_recipe(t
         "+ symmetric",
         "+ unsupervised pretraining",
         "+ pretraining with noisy labels",
+        "baseline + predicted labels as input",
         "ANTs SyN",
+        "ConvexAdam",
     ]
+    # the network reading predicted labels gets them in training and at test time, and twice the baseline's steps
+    assert by_name["registration_seg_input"].overrides["seg_key"] == "pseudo_label"
+    assert "pseudo_datalist" in by_name["evaluate_seg_input"].overrides
+    assert int(by_name["registration_seg_input"].overrides["max_epochs"]) == 2 * int(
+        by_name["registration_baseline"].overrides["max_epochs"]
+    )
 
 
 def test_bundle_command_lists_configs_and_passes_literals():

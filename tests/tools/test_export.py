@@ -23,7 +23,7 @@ networks = import_bundle_module("registration", "scripts.networks")
 metrics = import_bundle_module("registration", "scripts.metrics")
 pretrained = import_bundle_module("registration", "scripts.pretrained")
 
-NAME, VERSION = "abdominal_ct_registration", "0.3.2"
+NAME, VERSION = "abdominal_ct_registration", "0.4.0"
 WINDOWS = [[400.0, 40.0], [800.0, 100.0], [1000.0, 400.0]]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -42,6 +42,7 @@ def test_every_stage_runs_through_monai_bundle(tiny_run):
         "+ symmetric",
         "+ unsupervised pretraining",
         "+ pretraining with noisy labels",
+        "baseline + predicted labels as input",
         "noisy-label model + instance opt. (image + predicted labels)",
         "ANTs SyN",
     }

@@ -55,6 +55,7 @@ def load_cases(
     label_key: str | None = "label",
     num_organs: int = NUM_ORGANS,
     exclude: Sequence[str] = (),
+    seg_key: str | None = None,
 ) -> list[dict]:
     """Cases of ``datalist[key]`` (absolute paths) as ``{"image", ["label"], "annotated", "cohort", "case"}``.
 
@@ -63,7 +64,8 @@ def load_cases(
     ``annotated`` vector is all ones unless the item carries ``<label_key>_annotated``. Items
     without that label get no ``label`` and an all-zero ``annotated`` (image-only cohorts stay
     usable for unsupervised training). ``key`` may name several lists joined by ``+``
-    (``training+validation`` for a final model on all labelled scans).
+    (``training+validation`` for a final model on all labelled scans). ``seg_key`` adds ``seg``: the
+    predicted label map the network reads as input (``pseudo_label``); every case must have one.
     """
     data, root = _read(datalist)
     cases = []
@@ -88,6 +90,8 @@ def load_cases(
             else:
                 annotated = [0] * num_organs
             out["annotated"] = [float(a) for a in annotated]
+            if seg_key:
+                out["seg"] = _required_seg(datalist, item, seg_key, root)
             cases.append(out)
     if not cases:
         raise ValueError(
@@ -96,13 +100,33 @@ def load_cases(
     return cases
 
 
+def _required_seg(datalist: str | os.PathLike, item: Mapping, seg_key: str, root: Path) -> str:
+    seg = _abs(root, item.get(seg_key))
+    if not seg:
+        raise ValueError(
+            f"{datalist}: {item.get('case') or item.get('image')} has no {seg_key!r}, which the network reads as "
+            "input (seg_key): use the segmentation bundle's pseudo datalist"
+        )
+    return seg
+
+
 def load_val_pairs(
-    datalist: str | os.PathLike, key: str = "registration_val", num_organs: int = NUM_ORGANS
+    datalist: str | os.PathLike,
+    key: str = "registration_val",
+    num_organs: int = NUM_ORGANS,
+    seg_key: str | None = None,
 ) -> tuple[list[dict], list[tuple[int, int]]]:
-    """Unique cases of the pair list and (moving index, fixed index) per pair, for ``PairDataset``."""
+    """Unique cases of the pair list and (moving index, fixed index) per pair, for ``PairDataset``. With
+    ``seg_key`` each scan also gets ``seg``, looked up by image among the datalist's cases."""
     data, root = _read(datalist)
     cases: list[dict] = []
     index: dict[str, int] = {}
+    segs = {
+        _abs(root, it["image"]): it
+        for k in ("training", "validation")
+        for it in data.get(k, [])
+        if seg_key and "image" in it
+    }
 
     def add(image: str, label: str | None) -> int:
         image = _abs(root, image)
@@ -113,6 +137,8 @@ def load_val_pairs(
             item["annotated"] = [1.0 if label else 0.0] * num_organs
             if label:
                 item["label"] = label
+            if seg_key:
+                item["seg"] = _required_seg(datalist, segs.get(image, {"image": image}), seg_key, root)
             cases.append(item)
         return index[image]
 
@@ -188,8 +214,9 @@ class PairDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {}
         for prefix, c in (("moving", mc), ("fixed", fc)):
             item[prefix] = c["image"]
-            if "label" in c:
-                item[f"{prefix}_label"] = c["label"]
+            for key in ("label", "seg"):
+                if key in c:
+                    item[f"{prefix}_{key}"] = c[key]
             item[f"{prefix}_annotated"] = torch.as_tensor(c.get("annotated", []), dtype=torch.float32)
             item[f"{prefix}_case"] = c.get("case", "")
             item[f"{prefix}_cohort"] = c.get("cohort", "")

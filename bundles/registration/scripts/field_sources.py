@@ -14,21 +14,42 @@ from ignite.engine import Engine
 
 from scripts.errors import InputError, as_flag
 from scripts.fields import find_field, l2r_to_ddf, load_l2r_field
+from scripts.networks import organ_channels
+from scripts.transforms import PSEUDO
 
 __all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration", "ConvexAdamIteration"]
 
 
 class InferenceBatch:
-    """``prepare_batch``: network input = moving channels then fixed channels, one tensor."""
+    """``prepare_batch``: network input = moving channels then fixed channels, one tensor; with
+    ``label_channels`` > 0 each scan's windows are followed by its predicted labels, one-hot (the input of a
+    network trained with ``seg_key``)."""
 
-    def __init__(self, moving_key: str = "input_moving", fixed_key: str = "input_fixed") -> None:
+    def __init__(
+        self,
+        moving_key: str = "input_moving",
+        fixed_key: str = "input_fixed",
+        label_channels: int = 0,
+        label_keys: Sequence[str] = (PSEUDO["moving"], PSEUDO["fixed"]),
+    ) -> None:
         self.moving_key, self.fixed_key = moving_key, fixed_key
+        self.label_channels, self.label_keys = int(label_channels), tuple(label_keys)
 
     def __call__(self, batch: dict, device=None, non_blocking: bool = False, **kwargs):
-        x = torch.cat(
-            [torch.as_tensor(batch[self.moving_key]), torch.as_tensor(batch[self.fixed_key])], dim=1
-        )
-        return x.to(device=device, non_blocking=non_blocking), None
+        parts = []
+        for image_key, label_key, name in zip(
+            (self.moving_key, self.fixed_key), self.label_keys, ("moving", "fixed"), strict=True
+        ):
+            parts.append(torch.as_tensor(batch[image_key]))
+            if self.label_channels:
+                if label_key not in batch:
+                    raise InputError(
+                        f"the network reads predicted labels of both scans, {name} scan "
+                        f"{batch.get('path_' + name, ['?'])[0]} has none: pass --pseudo_datalist (the segmentation "
+                        "bundle's datalist_pseudo.json) or --fixed_pseudo/--moving_pseudo"
+                    )
+                parts.append(organ_channels(batch[label_key], self.label_channels))
+        return torch.cat(parts, dim=1).to(device=device, non_blocking=non_blocking), None
 
 
 class FieldFolderIteration:

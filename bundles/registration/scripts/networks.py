@@ -49,7 +49,7 @@ HEAD_TYPES = ("gradient", "displacement")
 # others (deep_supervision, symmetric, supervised_levels) only change what training mode returns.
 MODEL_SETTINGS = (
     "in_channels", "channel_multiplier", "base_channels", "blocks_per_level", "downsample", "step_range",
-    "head_type", "norm", "act", "input_windows",
+    "head_type", "norm", "act", "input_windows", "label_channels",
 )  # fmt: skip
 SETTINGS_KEY = "_extra_state"  # where torch's state_dict keeps a module's extra state
 # The settings are stored as a fixed-length uint8 tensor (JSON padded with spaces): a tensor, because
@@ -227,6 +227,9 @@ class GradientRegNet(nn.Module):
             settings so that inference windows its inputs as training did (None: not recorded).
         input_pixdim, input_spatial_size: the voxel spacing (mm) and grid of the training scans, recorded so
             that inference puts raw scans on the grid the network learned on (None: not recorded).
+        label_channels: organ channels read after each image's windows: the one-hot predicted labels of the
+            segmentation bundle (organs 1..label_channels), so the network sees anatomy it cannot find in the
+            intensities; 0 (the default and the paper): images only.
 
     ``forward`` returns the ddf tensor in eval mode. In training mode it returns a dict:
     ``ddf`` (finest level), ``ddfs`` (one per supervised level, finest first, at the input's
@@ -252,6 +255,7 @@ class GradientRegNet(nn.Module):
         input_windows: Sequence[Sequence[float]] | None = None,
         input_pixdim: Sequence[float] | None = None,
         input_spatial_size: Sequence[int] | None = None,
+        label_channels: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < step_range <= 1.0:
@@ -285,10 +289,12 @@ class GradientRegNet(nn.Module):
                 "input_windows": self.input_windows,
                 "input_pixdim": self.input_pixdim,
                 "input_spatial_size": self.input_spatial_size,
+                "label_channels": int(label_channels),
             }
         )
         ch = [int(c * channel_multiplier) for c in base_channels]
         self.in_channels = in_channels
+        self.label_channels = int(label_channels)
         self.deep_supervision = deep_supervision
         self.symmetric = symmetric
         self.downsample = int(downsample)
@@ -298,7 +304,7 @@ class GradientRegNet(nn.Module):
         )
         self.factor = 2 ** len(blocks_per_level)
         # encoder (shared by moving and fixed)
-        self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels)
+        self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels + self.label_channels)
         self.down = nn.ModuleList(
             _Down(ch[i], ch[i + 1], n, norm, act) for i, n in enumerate(blocks_per_level)
         )
@@ -433,9 +439,14 @@ class GradientRegNet(nn.Module):
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[int], Sequence[int]]:
         """Merged encoder features of a (moving, fixed) input, the unpadded prediction grid and the input size."""
-        c = self.in_channels
+        c = self.in_channels + self.label_channels
         if x.shape[1] != 2 * c:
-            raise ValueError(f"expected {2 * c} channels (moving then fixed), got {x.shape[1]}")
+            what = (
+                f" ({self.in_channels} windows + {self.label_channels} organs each)"
+                if self.label_channels
+                else ""
+            )
+            raise ValueError(f"expected {2 * c} channels (moving then fixed{what}), got {x.shape[1]}")
         size = x.shape[2:]
         coarse = [-(-int(s) // self.downsample) for s in size]  # prediction grid before padding
         pad = self._padding(size)
@@ -474,6 +485,13 @@ class GradientRegNet(nn.Module):
             out["ddfs_sym"] = [self._to_input_grid(self._displacement(g), size) for g in grads_sym]
             out["ddf_sym"] = out["ddfs_sym"][0]
         return out
+
+
+def organ_channels(seg: torch.Tensor, num_organs: int) -> torch.Tensor:
+    """(B, 1, *spatial) label map -> (B, num_organs, *spatial) float one-hot of organs 1..num_organs: the organ
+    channels a network with ``label_channels`` reads after each scan's windows."""
+    organs = torch.arange(1, num_organs + 1, device=seg.device).view(1, -1, *([1] * (seg.ndim - 2)))
+    return (torch.as_tensor(seg).long() == organs).float()
 
 
 def input_windows_of(network: torch.nn.Module, default: Sequence[Sequence[float]]) -> list:

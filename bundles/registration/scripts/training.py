@@ -22,6 +22,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from scripts.fields import ddf_of
 from scripts.metrics import LABELS
+from scripts.networks import organ_channels
 
 __all__ = [
     "TrainingBatch",
@@ -36,10 +37,15 @@ __all__ = [
 
 
 class TrainingBatch:
-    """``prepare_batch``: input = moving then fixed channels; target = dict for the loss and the metric."""
+    """``prepare_batch``: input = moving then fixed channels; target = dict for the loss and the metric.
 
-    def __init__(self, moving_key: str = "moving", fixed_key: str = "fixed") -> None:
+    With ``label_channels`` > 0 each scan's channels are followed by its predicted labels (``moving_seg``,
+    ``fixed_seg``) one-hot over organs 1..label_channels: the input of a network built with ``label_channels``.
+    """
+
+    def __init__(self, moving_key: str = "moving", fixed_key: str = "fixed", label_channels: int = 0) -> None:
         self.moving_key, self.fixed_key = moving_key, fixed_key
+        self.label_channels = int(label_channels)
 
     def __call__(self, batch: Mapping, device=None, non_blocking: bool = False, **kwargs):
         def dev(x):
@@ -54,6 +60,9 @@ class TrainingBatch:
             target["annotated"] = (
                 dev(batch["moving_annotated"]).float() * dev(batch["fixed_annotated"]).float()
             )
+        if self.label_channels:
+            moving = torch.cat([moving, organ_channels(dev(batch["moving_seg"]), self.label_channels)], dim=1)
+            fixed = torch.cat([fixed, organ_channels(dev(batch["fixed_seg"]), self.label_channels)], dim=1)
         return torch.cat([moving, fixed], dim=1), target
 
 
