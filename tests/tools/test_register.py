@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import torch
+
+from tests.bundle_import import import_bundle_module
 
 
 def test_one_command_registers_a_raw_pair_both_ways(tiny_cohorts, tmp_path):
@@ -55,3 +58,48 @@ def test_one_command_registers_a_raw_pair_both_ways(tiny_cohorts, tmp_path):
         and "nope.nii.gz: no such file or folder" in bad.stderr
         and "Traceback" not in bad.stderr
     )
+
+
+def test_a_network_reading_predicted_labels_gets_them_from_the_command(tiny_cohorts, tmp_path):
+    """--fixed_pseudo/--moving_pseudo feed a network trained with predicted labels as input (untrained weights
+    here: the plumbing); without them the command fails with a message that says what to pass."""
+    networks = import_bundle_module("registration", "scripts.networks")
+    net = networks.GradientRegNet(
+        channel_multiplier=1,
+        downsample=2,
+        head_type="displacement",
+        label_channels=13,
+        input_windows=[[400, 40], [800, 100], [1000, 400]],
+        input_pixdim=[6.0, 6.0, 6.0],
+        input_spatial_size=[48, 40, 64],
+    )
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    raw = tiny_cohorts / "AbdomenCTCT"
+    fixed, moving = (raw / "imagesTr" / f"AbdomenCTCT_000{i}_0000.nii.gz" for i in (1, 2))
+    base = [
+        sys.executable,
+        "-m",
+        "abdoreg.cli",
+        "register",
+        str(fixed),
+        str(moving),
+        "--model",
+        str(tmp_path / "model.pt"),
+    ]
+    missing = subprocess.run(
+        [*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=600
+    )
+    assert missing.returncode != 0 and "reads predicted labels" in missing.stderr + missing.stdout
+    assert "--fixed_pseudo/--moving_pseudo" in missing.stderr + missing.stdout
+    pseudo = [
+        "--fixed_pseudo",
+        str(raw / "labelsTr" / fixed.name),
+        "--moving_pseudo",
+        str(raw / "labelsTr" / moving.name),
+    ]
+    ok = subprocess.run(
+        [*base, "--out", str(tmp_path / "b"), *pseudo], capture_output=True, text=True, timeout=600
+    )
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    (field,) = (tmp_path / "b" / "submission").iterdir()
+    assert nib.load(field).shape == (48, 40, 64, 3)

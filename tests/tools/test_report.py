@@ -86,6 +86,7 @@ def test_report_over_repeated_runs_gives_spread_and_per_run_step_gains(tmp_path)
                 work / "evaluation" / "helps" / "metrics.json", base + rng.uniform(0.02, 0.06, 45)
             ),
             "ANTs SyN": _metrics(work / "evaluation" / "syn" / "metrics.json", base + 0.04),
+            "baseline + labels": _metrics(work / "evaluation" / "labels" / "metrics.json", base - 0.05),
         }
         steps.report(lambda _: None, methods, str(work / "report"), compare_to=[])
         works.append(str(work))
@@ -101,6 +102,8 @@ def test_report_over_repeated_runs_gives_spread_and_per_run_step_gains(tmp_path)
     assert not any(
         ln.startswith("| + helps -> ANTs SyN") for ln in table.splitlines()
     )  # not an ablation step
+    named = next(ln for ln in table.splitlines() if ln.startswith("| baseline -> baseline + labels |"))
+    assert named.count("-0.050") == 3 and named.count("**") == 6  # "X + ..." is measured against row X
 
     (tmp_path / "seed1" / "report" / "report.json").unlink()
     with pytest.raises(FileNotFoundError, match="seed1"):

@@ -66,6 +66,8 @@ def register(
     bundle: str | None = None,
     fixed_label: str | None = None,
     moving_label: str | None = None,
+    fixed_pseudo: str | None = None,
+    moving_pseudo: str | None = None,
     instance_opt: bool | None = None,
     overwrite: bool = False,
     device: str | None = None,
@@ -76,13 +78,22 @@ def register(
     series folders); write the field, the ITK transforms in both directions, the warped scan and, with both label
     maps, the Learn2Reg metrics into ``--out``.
 
+    ``--fixed_pseudo``/``--moving_pseudo``: the segmentation bundle's predicted label maps of the two scans, which a
+    network trained with predicted labels as input reads (and instance optimisation's Dice term).
     ``--model`` trained weights (default: the bundle's ``models/model.pt`` where there is one); without any, the
     field comes from instance optimisation from the identity. ``--instance_opt True`` refines a network's field
     too. ``--bundle`` a bundle folder or an exported archive (default: this repository's registration bundle).
     ``--pixdim``/``--spatial_size`` the grid to register on (default: the one the model was trained on; 2 mm,
     192x160x256 without a model).
     """
-    scans = {"fixed": fixed, "moving": moving, "fixed_label": fixed_label, "moving_label": moving_label}
+    scans = {
+        "fixed": fixed,
+        "moving": moving,
+        "fixed_label": fixed_label,
+        "moving_label": moving_label,
+        "fixed_pseudo": fixed_pseudo,
+        "moving_pseudo": moving_pseudo,
+    }
     for key, value in scans.items():
         if value is not None and not Path(value).exists():
             raise UsageError(f"--{key} {value}: no such file or folder")

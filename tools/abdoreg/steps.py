@@ -169,11 +169,20 @@ def _chart(rows: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def step_base(earlier: Sequence[str], row: str) -> str | None:
+    """The row an ablation step is measured against: the row before for ``+ ...``, row ``X`` for ``X + ...``
+    (the longest such earlier row), else None (not a step)."""
+    if row.startswith("+ "):
+        return earlier[-1]
+    named = [r for r in earlier if row.startswith(r + " + ")]
+    return max(named, key=len) if named else None
+
+
 def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> str:
     """One table over repeated runs of a pipeline (``--works runs/a,runs/b,...``, e.g. the same pipeline with
     ``--reg_seed 0``, ``1``, ``2``), read from their ``report/report.json``: each row's DSC in every run with
     the mean, sample standard deviation and range; then each ablation step (a row named ``+ ...`` against the row
-    before it) with its DSC gain in every run and the Wilcoxon p-value over that run's pairs. Returns the markdown.
+    before it, ``X + ...`` against row ``X``) with its DSC gain in every run and the Wilcoxon p-value over that run's pairs. Returns the markdown.
     """
     paths = [Path(w) for w in (works.split(",") if isinstance(works, str) else works)]
     reports = []
@@ -192,7 +201,7 @@ def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> st
         lines.append(
             f"| {row} | {cells} | {values.mean():.3f} | {sd:.3f} | {values.min():.3f}-{values.max():.3f} |"
         )
-    steps = [(before, after) for before, after in zip(rows, rows[1:], strict=False) if after.startswith("+ ")]
+    steps = [(step_base(rows[:i], row), row) for i, row in enumerate(rows) if i and step_base(rows[:i], row)]
     if steps:
         lines += ["", f"| step (ΔDSC, Wilcoxon p) | {runs} |", "|---|" + "---|" * len(paths)]
     for before, after in steps:
