@@ -242,8 +242,9 @@ def test_label_channels_are_read_recorded_and_rebuilt(tmp_path):
     image = torch.rand(1, 1, 16, 16, 16)
     seg = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
     seg[..., 4:10, 4:10, 4:10] = 6
-    moving = torch.cat([image, networks.organ_channels(seg, 13)], 1)
-    fixed = torch.cat([image, networks.organ_channels(torch.roll(seg, 3, 2), 13)], 1)
+    losses = import_bundle_module("registration", "scripts.losses")
+    moving = torch.cat([image, losses.one_hot_organs(seg, 13)], 1)
+    fixed = torch.cat([image, losses.one_hot_organs(torch.roll(seg, 3, 2), 13)], 1)
     assert moving.shape[1] == 14 and moving[0, 6, 5, 5, 5] == 1 and moving[0, 1:, 0, 0, 0].sum() == 0
     with torch.no_grad():
         with_labels = net(torch.cat([moving, fixed], 1))

@@ -201,7 +201,8 @@ def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> st
         lines.append(
             f"| {row} | {cells} | {values.mean():.3f} | {sd:.3f} | {values.min():.3f}-{values.max():.3f} |"
         )
-    steps = [(step_base(rows[:i], row), row) for i, row in enumerate(rows) if i and step_base(rows[:i], row)]
+    bases = [(step_base(rows[:i], row), row) for i, row in enumerate(rows) if i]
+    steps = [(before, after) for before, after in bases if before]
     if steps:
         lines += ["", f"| step (ΔDSC, Wilcoxon p) | {runs} |", "|---|" + "---|" * len(paths)]
     for before, after in steps:

@@ -14,8 +14,8 @@ from ignite.engine import Engine
 
 from scripts.errors import InputError, as_flag
 from scripts.fields import find_field, l2r_to_ddf, load_l2r_field
-from scripts.networks import organ_channels
-from scripts.transforms import PSEUDO
+from scripts.losses import one_hot_organs
+from scripts.transforms import PSEUDO, PSEUDO_HINT
 
 __all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration", "ConvexAdamIteration"]
 
@@ -45,10 +45,9 @@ class InferenceBatch:
                 if label_key not in batch:
                     raise InputError(
                         f"the network reads predicted labels of both scans, {name} scan "
-                        f"{batch.get('path_' + name, ['?'])[0]} has none: pass --pseudo_datalist (the segmentation "
-                        "bundle's datalist_pseudo.json) or --fixed_pseudo/--moving_pseudo"
+                        f"{batch.get('path_' + name, ['?'])[0]} has none: {PSEUDO_HINT}"
                     )
-                parts.append(organ_channels(batch[label_key], self.label_channels))
+                parts.append(one_hot_organs(torch.as_tensor(batch[label_key]), self.label_channels))
         return torch.cat(parts, dim=1).to(device=device, non_blocking=non_blocking), None
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from scripts.errors import InputError, as_flag
 from scripts.fields import ddf_of
 from scripts.losses import masked_dice_loss, one_hot_organs, organ_mask
-from scripts.transforms import PSEUDO
+from scripts.transforms import PSEUDO, PSEUDO_HINT
 
 __all__ = [
     "InstanceOptimiser",
@@ -337,6 +337,5 @@ class InstanceOptIteration:
             names = ", ".join(f"{batch.get('path_' + k, [k])[0]}" for k in ("moving", "fixed"))
             raise InputError(
                 f"instance optimisation with a Dice term needs predicted labels of both scans ({names}); "
-                "pass --pseudo_datalist (the segmentation bundle's datalist_pseudo.json) or "
-                "--fixed_pseudo/--moving_pseudo, or set --instance_opt_dice_weight 0"
+                f"{PSEUDO_HINT}, or set --instance_opt_dice_weight 0"
             )

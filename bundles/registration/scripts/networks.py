@@ -487,13 +487,6 @@ class GradientRegNet(nn.Module):
         return out
 
 
-def organ_channels(seg: torch.Tensor, num_organs: int) -> torch.Tensor:
-    """(B, 1, *spatial) label map -> (B, num_organs, *spatial) float one-hot of organs 1..num_organs: the organ
-    channels a network with ``label_channels`` reads after each scan's windows."""
-    organs = torch.arange(1, num_organs + 1, device=seg.device).view(1, -1, *([1] * (seg.ndim - 2)))
-    return (torch.as_tensor(seg).long() == organs).float()
-
-
 def input_windows_of(network: torch.nn.Module, default: Sequence[Sequence[float]]) -> list:
     """The CT windows a network reads: a ``GradientRegNet``'s recorded windows, else the first ``in_channels``
     of ``default``; ``default`` for any other network (a stand-in, a baseline)."""

@@ -21,8 +21,8 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from scripts.fields import ddf_of
+from scripts.losses import one_hot_organs
 from scripts.metrics import LABELS
-from scripts.networks import organ_channels
 
 __all__ = [
     "TrainingBatch",
@@ -61,8 +61,8 @@ class TrainingBatch:
                 dev(batch["moving_annotated"]).float() * dev(batch["fixed_annotated"]).float()
             )
         if self.label_channels:
-            moving = torch.cat([moving, organ_channels(dev(batch["moving_seg"]), self.label_channels)], dim=1)
-            fixed = torch.cat([fixed, organ_channels(dev(batch["fixed_seg"]), self.label_channels)], dim=1)
+            moving = torch.cat([moving, one_hot_organs(dev(batch["moving_seg"]), self.label_channels)], dim=1)
+            fixed = torch.cat([fixed, one_hot_organs(dev(batch["fixed_seg"]), self.label_channels)], dim=1)
         return torch.cat([moving, fixed], dim=1), target
 
 

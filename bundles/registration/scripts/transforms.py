@@ -46,6 +46,8 @@ __all__ = [
 # true labels (the metrics read them) and predicted labels (instance optimisation's Dice term reads them)
 SEG = {"fixed": "seg_fixed", "moving": "seg_moving"}
 PSEUDO = {"fixed": "pseudo_fixed", "moving": "pseudo_moving"}
+# how a user supplies them, for every error about missing predicted labels
+PSEUDO_HINT = "pass --pseudo_datalist (the segmentation bundle's datalist_pseudo.json) or --fixed_pseudo/--moving_pseudo"
 # pair-list key -> key of the loaded scan
 LOADED = {
     "fixed": "fixed",
