@@ -13,11 +13,24 @@ from tests.bundle_import import REPO
 BUNDLES = ("registration", "segmentation", "preprocessing")
 
 
-@pytest.mark.parametrize("helper", ["atomic.py", "locks.py"])
+# Helpers every holder keeps a copy of (a bundle imports nothing outside its folder): file -> its holders.
+SHARED = {
+    "atomic.py": (*BUNDLES, "tools"),
+    "locks.py": (*BUNDLES, "tools"),
+    "checkpoints.py": ("registration", "segmentation"),
+    "label_checks.py": ("registration", "segmentation"),
+    "errors.py": ("registration", "segmentation"),
+}
+
+
+@pytest.mark.parametrize("helper", sorted(SHARED))
 def test_every_copy_of_a_shared_helper_is_the_same(helper):
     """A bundle imports nothing outside its folder, so each holds the helpers; the copies may not drift."""
-    copies = [REPO / "bundles" / b / "scripts" / helper for b in BUNDLES] + [
+    copies = [
         REPO / "tools" / "abdoreg" / helper
+        if holder == "tools"
+        else REPO / "bundles" / holder / "scripts" / helper
+        for holder in SHARED[helper]
     ]
     texts = {path: path.read_text() for path in copies}
     assert len(set(texts.values())) == 1, [str(p) for p in copies]

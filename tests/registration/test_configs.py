@@ -89,8 +89,10 @@ def test_inference_json_alone_builds_the_network_a_checkpoint_was_trained_as(rec
 def test_weights_of_other_settings_are_refused_also_by_monai_bundle_load():
     """Same weight shapes, other head type or prediction grid: MONAI's non-strict copy (what
     ``monai.bundle.load`` does) refuses them too, naming the settings."""
-    displacement = networks.GradientRegNet(in_channels=3, channel_multiplier=1, head_type="displacement")
-    gradient = networks.GradientRegNet(in_channels=3, channel_multiplier=1)
+    displacement = networks.GradientRegNet(
+        in_channels=3, channel_multiplier=1, downsample=1, head_type="displacement"
+    )
+    gradient = networks.GradientRegNet(in_channels=3, channel_multiplier=1, downsample=1)
     with pytest.raises(ValueError, match="head_type: 'displacement' in the weights, 'gradient' here"):
         copy_model_state(gradient, displacement.state_dict())
     half = networks.GradientRegNet(in_channels=3, channel_multiplier=1, downsample=2)
@@ -98,20 +100,46 @@ def test_weights_of_other_settings_are_refused_also_by_monai_bundle_load():
         gradient.load_state_dict(half.state_dict())
 
 
-def test_weights_saved_before_settings_were_recorded_still_load(tmp_path):
-    """A checkpoint of bundle version < 0.3 (no recorded settings; displacement heads marked by a buffer) is
-    rebuilt from its shapes and loads; its head type is still told apart."""
+def test_weights_that_record_no_settings_are_refused_naming_the_file(tmp_path):
+    """inference.json builds the network a checkpoint records; weights that record none (another network's) are
+    an error that names the file, before anything runs."""
     weights = import_bundle_module("registration", "scripts.weights")
-    net = networks.GradientRegNet(in_channels=1, channel_multiplier=2, head_type="displacement", downsample=2)
-    old = {k: v for k, v in net.state_dict().items() if k != "_extra_state"}
-    old["displacement_heads"] = torch.ones(())
-    torch.save(old, tmp_path / "old.pt")
-    built = weights.network_from_checkpoint(str(tmp_path / "old.pt"), downsample=2)
-    assert (built.in_channels, built.head_type, built.downsample) == (1, "displacement", 2)
-    assert built.settings["channel_multiplier"] == 2
-    built.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
-    with pytest.raises(RuntimeError, match="pass --head_type displacement"):
-        networks.GradientRegNet(in_channels=1, channel_multiplier=2, downsample=2).load_state_dict(old)
+    errors = import_bundle_module("registration", "scripts.errors")
+    net = networks.GradientRegNet(in_channels=1, channel_multiplier=1)
+    torch.save({k: v for k, v in net.state_dict().items() if k != "_extra_state"}, tmp_path / "old.pt")
+    with pytest.raises(errors.InputError, match="record no GradientRegNet settings") as info:
+        weights.network_from_checkpoint(str(tmp_path / "old.pt"))
+    assert str(tmp_path / "old.pt") in str(info.value)
+
+
+def test_inference_without_a_checkpoint_builds_the_recommended_network(tmp_path):
+    """``--require_checkpoint False`` with no weights builds GradientRegNet's defaults, which are train.json's
+    network (width 4, field at half resolution, gradient heads, three CT windows), not the paper's."""
+    parser = _parsed(["inference.json"], ckpt_path=str(tmp_path / "none.pt"), require_checkpoint=False)
+    built = parser.get_parsed_content("network_def", lazy=False)
+    recommended = _parsed(["train.json"], datalist=str(tmp_path / "none.json")).get_parsed_content(
+        "network_def"
+    )
+    recorded_by_training = ("input_windows", "input_pixdim", "input_spatial_size")  # the training data's
+    assert {k: v for k, v in built.settings.items() if k not in recorded_by_training} == {
+        k: v for k, v in recommended.settings.items() if k not in recorded_by_training
+    }
+    assert (built.settings["channel_multiplier"], built.downsample, built.head_type, built.in_channels) == (
+        4,
+        2,
+        "gradient",
+        3,
+    )
+    assert sum(p.numel() for p in built.parameters()) < 10e6
+
+
+@pytest.mark.parametrize("recipe", [["train.json"], ["train.json", "fast_train.json"]])
+def test_paper_train_builds_the_papers_network(recipe):
+    """paper_train.json, listed last, gives the paper's network: width 8, the field at full resolution,
+    gradient heads, about 30.8 M parameters (DESIGN section 3)."""
+    paper = _parsed([*recipe, "paper_train.json"]).get_parsed_content("network_def")
+    assert (paper.settings["channel_multiplier"], paper.downsample, paper.head_type) == (8, 1, "gradient")
+    assert 29e6 < sum(p.numel() for p in paper.parameters()) < 32e6
 
 
 def test_ckpt_export_single_config(tmp_path):

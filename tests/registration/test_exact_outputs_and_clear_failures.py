@@ -416,7 +416,7 @@ def test_partial_initial_weights_report_what_was_loaded_and_refuse_another_netwo
     foreign = tmp_path / "unet.pt"
     torch.save(_unet_state(), foreign)
     with pytest.raises(ValueError, match="none of the network's .* tensors"):
-        ckpts.load_initial_weights(str(foreign), net, strict=False)
+        weights.load_initial_weights(str(foreign), net, strict=False)
     partial = {k: v for k, v in net.state_dict().items() if not k.startswith("heads.")}
     wider = networks.GradientRegNet(in_channels=3, channel_multiplier=2).state_dict()
     partial["input_block.convs.0.conv.weight"] = wider[
@@ -424,7 +424,7 @@ def test_partial_initial_weights_report_what_was_loaded_and_refuse_another_netwo
     ]  # a shape that differs
     torch.save(partial, tmp_path / "partial.pt")
     with caplog.at_level("INFO"):
-        report = ckpts.load_initial_weights(str(tmp_path / "partial.pt"), net, strict=False)
+        report = weights.load_initial_weights(str(tmp_path / "partial.pt"), net, strict=False)
     assert (
         "input_block.convs.0.conv.weight" in report["skipped"] and "heads.0.conv.weight" in report["skipped"]
     )

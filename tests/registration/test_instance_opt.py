@@ -145,7 +145,7 @@ def test_pseudo_labels_come_from_the_segmentation_datalist(tmp_path):
     pseudo = {c: tmp_path / "seg" / "l2r" / "pseudo_labels" / f"AbdomenCTCT_{c}_0000.nii.gz" for c in scans}
     # the segmentation bundle writes paths relative to its own folder
     items = [
-        {"image": f"../pre/l2r/images/{p.name}", "pseudo_label": f"l2r/pseudo_labels/{p.name}"}
+        {"image": f"../pre/l2r/images/{p.name}", "pseudo": f"l2r/pseudo_labels/{p.name}"}
         for p in scans.values()
     ]
     datalist = tmp_path / "seg" / "datalist_pseudo.json"
@@ -169,7 +169,7 @@ def test_evaluate_with_instance_optimisation_from_identity(tiny_preprocessed, tm
     items = [
         {
             "image": str(tiny_preprocessed.parent / it["image"]),
-            "pseudo_label": str(tiny_preprocessed.parent / it["label"]),
+            "pseudo": str(tiny_preprocessed.parent / it["label"]),
         }
         for it in datalist["validation"]
     ]

@@ -13,8 +13,9 @@ networks = import_bundle_module("registration", "scripts.networks")
 
 
 def _net(**kw) -> torch.nn.Module:
+    """A narrow network with the field at full resolution (the paper's grid) unless ``kw`` say otherwise."""
     torch.manual_seed(0)
-    return networks.GradientRegNet(**{"in_channels": 1, "channel_multiplier": 1, **kw})
+    return networks.GradientRegNet(**{"in_channels": 1, "channel_multiplier": 1, "downsample": 1, **kw})
 
 
 def _randomise_heads(net: torch.nn.Module, std: float) -> None:
@@ -233,11 +234,11 @@ def test_displacement_heads_predict_the_shift_itself():
         _net(head_type="velocity")
 
 
-def test_label_channels_are_read_recorded_and_rebuilt(tmp_path):
+def test_pseudo_channels_are_read_recorded_and_rebuilt(tmp_path):
     """A network reading predicted labels takes each scan's organ channels after its windows, records how many,
     and inference rebuilds it from the checkpoint alone; the labels change its field."""
     weights = import_bundle_module("registration", "scripts.weights")
-    net = _net(label_channels=13, downsample=2, head_type="displacement").eval()
+    net = _net(pseudo_channels=13, downsample=2, head_type="displacement").eval()
     _randomise_heads(net, 0.1)
     image = torch.rand(1, 1, 16, 16, 16)
     seg = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long)
@@ -255,7 +256,7 @@ def test_label_channels_are_read_recorded_and_rebuilt(tmp_path):
         net(torch.cat([image, image], 1))
     torch.save(net.state_dict(), tmp_path / "model.pt")
     rebuilt = weights.network_from_checkpoint(str(tmp_path / "model.pt")).eval()
-    assert rebuilt.label_channels == 13
+    assert rebuilt.pseudo_channels == 13
     rebuilt.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(torch.cat([moving, fixed], 1)), with_labels)

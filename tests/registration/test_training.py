@@ -65,10 +65,10 @@ def test_cases_cohorts_weights_and_label_key(tiny_preprocessed, tmp_path):
     # a pseudo-label key (added by the segmentation bundle): every case gets a label, all organs count
     listing = json.loads(Path(tiny_preprocessed).read_text())
     for item in listing["training"]:
-        item["pseudo_label"] = item.get("label", listing["training"][3]["label"])
+        item["pseudo"] = item.get("label", listing["training"][3]["label"])
     fake = Path(tiny_preprocessed).parent / "datalist_pseudo_test.json"
     fake.write_text(json.dumps(listing))
-    pseudo = data.load_cases(fake, "training", label_key="pseudo_label")
+    pseudo = data.load_cases(fake, "training", label_key="pseudo")
     assert all("label" in c and sum(c["annotated"]) == 13 for c in pseudo)
     assert data.load_cases(tiny_preprocessed, "training", label_key=None)[0].get("label") is None
 
@@ -174,7 +174,12 @@ def test_tiny_overfit_lowers_loss(head_type, dice_downsample):
         "annotated": torch.ones(1, 1),
     }
     net = networks.GradientRegNet(
-        in_channels=1, channel_multiplier=1, deep_supervision=True, symmetric=True, head_type=head_type
+        in_channels=1,
+        channel_multiplier=1,
+        downsample=1,
+        deep_supervision=True,
+        symmetric=True,
+        head_type=head_type,
     )
     loss_fn = losses.RegistrationLoss(num_organs=1, dice_downsample=dice_downsample)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -301,18 +306,18 @@ def test_train_symmetric_unsupervised_image_only(tiny_preprocessed, tmp_path):
 
 
 def test_train_and_infer_with_predicted_labels_as_input(tiny_preprocessed, tmp_path):
-    """seg_key: the network reads both scans' predicted labels in training and in inference (found through the
+    """pseudo_input: the network reads both scans' predicted labels in training and in inference (found through the
     segmentation bundle's pseudo datalist); a scan without them is an error that names it. The stand-in
     pseudo labels are label maps, for plumbing only."""
     listing = json.loads(Path(tiny_preprocessed).read_text())
     stand_in = next(it["label"] for it in listing["training"] if it.get("label"))
     for key in ("training", "validation"):
         for item in listing[key]:
-            item["pseudo_label"] = item.get("label") or stand_in
+            item["pseudo"] = item.get("label") or stand_in
     pseudo = Path(tiny_preprocessed).parent / "datalist_pseudo_seg_input.json"
     pseudo.write_text(json.dumps(listing))
     out = tmp_path / "seg_input"
-    proc = _run(pseudo, out, max_epochs=1, seg_key="pseudo_label", crop_size=None, val_at_start="False")
+    proc = _run(pseudo, out, max_epochs=1, pseudo_input="True", crop_size=None, val_at_start="False")
     assert re.search(r"val_mean_dice: 0\.\d+", proc.stdout + proc.stderr)
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert state["input_block.convs.0.conv.weight"].shape[1] == 3 + 13  # three CT windows + 13 organs
@@ -340,10 +345,10 @@ def test_train_and_infer_with_predicted_labels_as_input(tiny_preprocessed, tmp_p
     assert failed.returncode != 0
     assert "reads predicted labels" in failed.stderr and first in failed.stderr, failed.stderr[-2000:]
     # training without them names the case
-    del listing["training"][0]["pseudo_label"]
+    del listing["training"][0]["pseudo"]
     pseudo.write_text(json.dumps(listing))
-    with pytest.raises(ValueError, match=f"{listing['training'][0]['case']} has no 'pseudo_label'"):
-        data.load_cases(pseudo, "training", seg_key="pseudo_label")
+    with pytest.raises(ValueError, match=f"{listing['training'][0]['case']} has no 'pseudo'"):
+        data.load_cases(pseudo, "training", pseudo_input=True)
 
 
 def test_train_localnet_baseline(tiny_preprocessed, tmp_path):

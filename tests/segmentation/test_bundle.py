@@ -98,7 +98,7 @@ def test_rerunning_a_finished_training_changes_nothing(trained):
     }  # .lock: held by each run
     proc = run_bundle("segmentation", "train.json", {**args, "max_epochs": EPOCHS, "cache_rate": 0.0})
     log = _log(proc)
-    assert f"training already finished: the checkpoint reached epoch {EPOCHS}" in log, log[-3000:]
+    assert f"training already finished (epoch {EPOCHS} of max_epochs {EPOCHS})" in log, log[-3000:]
     assert "Complete" not in log and "Saved checkpoint" not in log, log[-3000:]
     assert files == {p: p.stat().st_mtime_ns for p in (work / "models").iterdir() if p.name != ".lock"}
 
@@ -129,7 +129,7 @@ def test_inference_writes_pseudo_labels_for_every_cohort(trained, tiny_preproces
             cohorts.add(item["cohort"])
             assert item["annotated"] == [1] * 13 and item["label_annotated"] == old["annotated"]
             image = nib.load(new_path.parent / item["image"])
-            label = nib.load(new_path.parent / item["pseudo_label"])
+            label = nib.load(new_path.parent / item["pseudo"])
             assert label.shape == image.shape and np.allclose(label.affine, image.affine)
             values = np.unique(np.asarray(label.dataobj))
             assert label.get_data_dtype() == np.uint8 and values.max() <= 13 and len(values) > 1

@@ -17,6 +17,7 @@ losses = import_bundle_module("segmentation", "scripts.losses")
 data = import_bundle_module("segmentation", "scripts.data")
 pseudo = import_bundle_module("segmentation", "scripts.pseudo")
 checkpoints = import_bundle_module("segmentation", "scripts.checkpoints")
+label_checks = import_bundle_module("segmentation", "scripts.label_checks")
 
 C = 14
 
@@ -186,15 +187,15 @@ def test_pseudo_label_writer_and_datalist(tmp_path):
             torch.full((1, 8, 8, 8), 3.0), affine=torch.diag(torch.tensor([6.0, 6.0, 6.0, 1.0]))
         )
         result = save({"pred": pred, **it})
-        assert Path(result["pseudo_label"]).is_file()
+        assert Path(result["pseudo"]).is_file()
     written = Path(pseudo.write_pseudo_datalist(path, out, 13))
     new = json.loads(written.read_text())
     assert [p.name for p in out.rglob(".*")] == []  # no temp files left behind
     for item in new["training"]:
         assert item["annotated"] == [1] * 13
-        for key in ("image", "pseudo_label"):
+        for key in ("image", "pseudo"):
             assert (written.parent / item[key]).is_file()
-        lab = nib.load(written.parent / item["pseudo_label"])
+        lab = nib.load(written.parent / item["pseudo"])
         assert lab.get_data_dtype() == np.uint8 and np.allclose(lab.affine, np.diag([6.0, 6.0, 6.0, 1.0]))
     assert new["training"][1]["label_annotated"] == [0] * 13
     assert (written.parent / new["registration_val"][0]["fixed"]).is_file()
@@ -251,8 +252,10 @@ def test_label_ids_outside_the_organ_range_name_the_file(tmp_path, bad_id):
     nib.save(nib.Nifti1Image(labels, np.eye(4)), path)
     item = LoadImaged(keys="label", image_only=True)({"label": str(path)})
     with pytest.raises(ValueError) as err:
-        data.CheckLabelsd("label", max_label=13)(item)
+        label_checks.CheckLabelsd("label", max_label=13)(item)
     assert str(path) in str(err.value) and str(bad_id) in str(err.value)
     labels[5:7] = 13
     nib.save(nib.Nifti1Image(labels, np.eye(4)), path)
-    data.CheckLabelsd("label", max_label=13)(LoadImaged(keys="label", image_only=True)({"label": str(path)}))
+    label_checks.CheckLabelsd("label", max_label=13)(
+        LoadImaged(keys="label", image_only=True)({"label": str(path)})
+    )

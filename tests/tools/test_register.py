@@ -68,7 +68,7 @@ def test_a_network_reading_predicted_labels_gets_them_from_the_command(tiny_coho
         channel_multiplier=1,
         downsample=2,
         head_type="displacement",
-        label_channels=13,
+        pseudo_channels=13,
         input_windows=[[400, 40], [800, 100], [1000, 400]],
         input_pixdim=[6.0, 6.0, 6.0],
         input_spatial_size=[48, 40, 64],

@@ -53,21 +53,24 @@ def load_cases(
     key: str = "training",
     cohorts: Sequence[str] | None = None,
     label_key: str | None = "label",
+    use_labels: bool = True,
     num_organs: int = NUM_ORGANS,
     exclude: Sequence[str] = (),
-    seg_key: str | None = None,
+    pseudo_input: bool = False,
+    pseudo_key: str = "pseudo",
 ) -> list[dict]:
     """Cases of ``datalist[key]`` (absolute paths) as ``{"image", ["label"], "annotated", "cohort", "case"}``.
 
-    ``label_key`` picks the label map (``label``, or ``pseudo_label`` written by the
-    segmentation bundle; ``None`` for no labels). Pseudo labels predict every organ, so their
-    ``annotated`` vector is all ones unless the item carries ``<label_key>_annotated``. Items
-    without that label get no ``label`` and an all-zero ``annotated`` (image-only cohorts stay
-    usable for unsupervised training). ``key`` may name several lists joined by ``+``
-    (``training+validation`` for a final model on all labelled scans). ``seg_key`` adds ``seg``: the
-    predicted label map the network reads as input (``pseudo_label``); every case must have one.
+    ``label_key`` picks the label map the Dice term reads (``label``, or ``pseudo``: the predicted labels the
+    segmentation bundle writes; ``None``, or ``use_labels`` false, for none). Predicted labels cover every organ,
+    so their ``annotated`` vector is all ones unless the item carries ``<label_key>_annotated``. Items without
+    that label get no ``label`` and an all-zero ``annotated`` (image-only cohorts stay usable for unsupervised
+    training). ``key`` may name several lists joined by ``+`` (``training+validation`` for a final model on all
+    labelled scans). ``pseudo_input`` adds ``pseudo``: the predicted label map (``pseudo_key``) the network reads as
+    input; every case must have one.
     """
     data, root = _read(datalist)
+    label_key = label_key if use_labels else None
     cases = []
     for k in key.split("+"):
         for item in data.get(k, []):
@@ -90,8 +93,8 @@ def load_cases(
             else:
                 annotated = [0] * num_organs
             out["annotated"] = [float(a) for a in annotated]
-            if seg_key:
-                out["seg"] = _required_seg(datalist, item, seg_key, root)
+            if pseudo_input:
+                out["pseudo"] = _required_pseudo(datalist, item, pseudo_key, root)
             cases.append(out)
     if not cases:
         raise ValueError(
@@ -100,32 +103,33 @@ def load_cases(
     return cases
 
 
-def _required_seg(datalist: str | os.PathLike, item: Mapping, seg_key: str, root: Path) -> str:
-    seg = _abs(root, item.get(seg_key))
-    if not seg:
+def _required_pseudo(datalist: str | os.PathLike, item: Mapping, pseudo_key: str, root: Path) -> str:
+    pseudo = _abs(root, item.get(pseudo_key))
+    if not pseudo:
         raise ValueError(
-            f"{datalist}: {item.get('case') or item.get('image')} has no {seg_key!r}, which the network reads as "
-            "input (seg_key): use the segmentation bundle's pseudo datalist"
+            f"{datalist}: {item.get('case') or item.get('image')} has no {pseudo_key!r}, which the network reads as "
+            "input (pseudo_input): use the segmentation bundle's pseudo datalist"
         )
-    return seg
+    return pseudo
 
 
 def load_val_pairs(
     datalist: str | os.PathLike,
     key: str = "registration_val",
     num_organs: int = NUM_ORGANS,
-    seg_key: str | None = None,
+    pseudo_input: bool = False,
+    pseudo_key: str = "pseudo",
 ) -> tuple[list[dict], list[tuple[int, int]]]:
     """Unique cases of the pair list and (moving index, fixed index) per pair, for ``PairDataset``. With
-    ``seg_key`` each scan also gets ``seg``, looked up by image among the datalist's cases."""
+    ``pseudo_input`` each scan also gets ``pseudo``, looked up by image among the datalist's cases."""
     data, root = _read(datalist)
     cases: list[dict] = []
     index: dict[str, int] = {}
-    segs = {
+    items = {
         _abs(root, it["image"]): it
         for k in ("training", "validation")
         for it in data.get(k, [])
-        if seg_key and "image" in it
+        if pseudo_input and "image" in it
     }
 
     def add(image: str, label: str | None) -> int:
@@ -137,8 +141,10 @@ def load_val_pairs(
             item["annotated"] = [1.0 if label else 0.0] * num_organs
             if label:
                 item["label"] = label
-            if seg_key:
-                item["seg"] = _required_seg(datalist, segs.get(image, {"image": image}), seg_key, root)
+            if pseudo_input:
+                item["pseudo"] = _required_pseudo(
+                    datalist, items.get(image, {"image": image}), pseudo_key, root
+                )
             cases.append(item)
         return index[image]
 
@@ -214,7 +220,7 @@ class PairDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {}
         for prefix, c in (("moving", mc), ("fixed", fc)):
             item[prefix] = c["image"]
-            for key in ("label", "seg"):
+            for key in ("label", "pseudo"):
                 if key in c:
                     item[f"{prefix}_{key}"] = c[key]
             item[f"{prefix}_annotated"] = torch.as_tensor(c.get("annotated", []), dtype=torch.float32)

@@ -22,32 +22,32 @@ __all__ = ["InferenceBatch", "FieldFolderIteration", "SynIteration", "ConvexAdam
 
 class InferenceBatch:
     """``prepare_batch``: network input = moving channels then fixed channels, one tensor; with
-    ``label_channels`` > 0 each scan's windows are followed by its predicted labels, one-hot (the input of a
-    network trained with ``seg_key``)."""
+    ``pseudo_channels`` > 0 each scan's windows are followed by its predicted labels, one-hot (the input of a
+    network trained with ``pseudo_input``)."""
 
     def __init__(
         self,
         moving_key: str = "input_moving",
         fixed_key: str = "input_fixed",
-        label_channels: int = 0,
-        label_keys: Sequence[str] = (PSEUDO["moving"], PSEUDO["fixed"]),
+        pseudo_channels: int = 0,
+        pseudo_keys: Sequence[str] = (PSEUDO["moving"], PSEUDO["fixed"]),
     ) -> None:
         self.moving_key, self.fixed_key = moving_key, fixed_key
-        self.label_channels, self.label_keys = int(label_channels), tuple(label_keys)
+        self.pseudo_channels, self.pseudo_keys = int(pseudo_channels), tuple(pseudo_keys)
 
     def __call__(self, batch: dict, device=None, non_blocking: bool = False, **kwargs):
         parts = []
-        for image_key, label_key, name in zip(
-            (self.moving_key, self.fixed_key), self.label_keys, ("moving", "fixed"), strict=True
+        for image_key, pseudo_key, name in zip(
+            (self.moving_key, self.fixed_key), self.pseudo_keys, ("moving", "fixed"), strict=True
         ):
             parts.append(torch.as_tensor(batch[image_key]))
-            if self.label_channels:
-                if label_key not in batch:
+            if self.pseudo_channels:
+                if pseudo_key not in batch:
                     raise InputError(
                         f"the network reads predicted labels of both scans, {name} scan "
                         f"{batch.get('path_' + name, ['?'])[0]} has none: {PSEUDO_HINT}"
                     )
-                parts.append(one_hot_organs(torch.as_tensor(batch[label_key]), self.label_channels))
+                parts.append(one_hot_organs(torch.as_tensor(batch[pseudo_key]), self.pseudo_channels))
         return torch.cat(parts, dim=1).to(device=device, non_blocking=non_blocking), None
 
 

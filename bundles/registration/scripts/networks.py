@@ -7,7 +7,7 @@ sigmoid(0) = 0.5 everywhere, which this module scales to a step of exactly one v
 identity transform at the start of training. With ``head_type="displacement"`` (the CPU recipe) the same
 heads predict the displacement itself, which short trainings learn several times faster.
 
-A network records its settings in its state dict (``_extra_state``), so a checkpoint says which
+A network records its settings in its state dict (``scripts.settings``), so a checkpoint says which
 network it belongs to: ``scripts.weights.network_from_checkpoint`` builds it, and loading it into a
 network with other settings fails with the settings that differ.
 
@@ -19,25 +19,16 @@ output is a dense displacement field (B, 3, D, H, W) in voxel units of the fixed
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-__all__ = [
-    "GradientRegNet",
-    "gradient_to_ddf",
-    "IDENTITY_GRADIENT",
-    "HEAD_TYPES",
-    "MODEL_SETTINGS",
-    "recorded_settings",
-    "settings_from_shapes",
-    "input_windows_of",
-]
+from scripts.settings import records_settings
+
+__all__ = ["GradientRegNet", "gradient_to_ddf", "IDENTITY_GRADIENT", "HEAD_TYPES", "input_windows_of"]
 
 # sigmoid(0): the gradient value of the identity transform (scaled to one voxel per voxel).
 IDENTITY_GRADIENT = 0.5
@@ -45,73 +36,6 @@ IDENTITY_GRADIENT = 0.5
 # What the heads predict (GradientRegNet ``head_type``): the paper's sigmoid gradient, integrated by a cumulative
 # sum, or the displacement itself (VoxelMorph's plain field).
 HEAD_TYPES = ("gradient", "displacement")
-# Settings that change the weights' shapes, the field computed from them, or the inputs they expect. The
-# others (deep_supervision, symmetric, supervised_levels) only change what training mode returns.
-MODEL_SETTINGS = (
-    "in_channels", "channel_multiplier", "base_channels", "blocks_per_level", "downsample", "step_range",
-    "head_type", "norm", "act", "input_windows", "label_channels",
-)  # fmt: skip
-SETTINGS_KEY = "_extra_state"  # where torch's state_dict keeps a module's extra state
-# The settings are stored as a fixed-length uint8 tensor (JSON padded with spaces): a tensor, because
-# monai.networks.copy_model_state (monai.bundle.load) reads every entry's shape, and of fixed length, so that
-# it copies the entry and the comparison in set_extra_state runs.
-SETTINGS_BYTES = 2048
-LEGACY_FIELD_MARK = (
-    "displacement_heads"  # buffer of displacement-head networks saved before settings were recorded
-)
-
-
-def _json_value(value: Any) -> Any:
-    """A setting as JSON keeps it (tuples as lists)."""
-    if isinstance(value, (list, tuple)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    return value
-
-
-def recorded_settings(state: Mapping[str, Any]) -> dict | None:
-    """The settings a ``GradientRegNet`` state dict records, or None (another network, or saved before)."""
-    value = state.get(SETTINGS_KEY)
-    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
-        return None
-    try:
-        settings = json.loads(bytes(value.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return settings if isinstance(settings, dict) else None
-
-
-def settings_from_shapes(state: Mapping[str, torch.Tensor]) -> dict | None:
-    """What a ``GradientRegNet`` state dict without recorded settings tells by its shapes (None for another
-    network): input channels, widths (as ``base_channels`` x ``channel_multiplier``), blocks per level, heads."""
-    first = state.get("input_block.convs.0.conv.weight")
-    if not isinstance(first, torch.Tensor) or first.ndim != 5:
-        return None
-    widths = [int(first.shape[0])]
-    blocks = []
-    level = 0
-    while f"down.{level}.down.conv.weight" in state:
-        widths.append(int(state[f"down.{level}.down.conv.weight"].shape[0]))
-        n = 0
-        while f"down.{level}.stack.convs.{n}.conv.weight" in state:
-            n += 1
-        blocks.append(n)
-        level += 1
-    default_base = (4, 8, 16, 32, 64)
-    ratios = {w / b for w, b in zip(widths, default_base, strict=False)}
-    if len(widths) == len(default_base) and len(ratios) == 1:
-        base, multiplier = list(default_base), ratios.pop()
-        multiplier = int(multiplier) if float(multiplier).is_integer() else multiplier
-    else:
-        base, multiplier = widths, 1
-    return {
-        "in_channels": int(first.shape[1]),
-        "channel_multiplier": multiplier,
-        "base_channels": base,
-        "blocks_per_level": blocks,
-        "head_type": "displacement" if LEGACY_FIELD_MARK in state else "gradient",
-    }
 
 
 def gradient_to_ddf(gradient: torch.Tensor, step_range: float = 1.0) -> torch.Tensor:
@@ -198,18 +122,23 @@ class _Up(nn.Module):
         return self.stack(torch.cat([self.up(x), skip], dim=1))
 
 
+@records_settings
 class GradientRegNet(nn.Module):
     """Shared-weight encoder, subtraction merge (moving - fixed) at every scale, sigmoid gradient heads.
 
+    The defaults are the recommended network (``train.json``'s): width 4 with the field predicted at half
+    resolution; the paper's is ``channel_multiplier=8, downsample=1`` (``configs/paper_train.json``). The
+    constructor's arguments are recorded in the state dict (``scripts.settings``).
+
     Args:
         in_channels: channels of ONE image (3 with the three CT windows, 1 without).
-        channel_multiplier: widths are ``base_channels`` times this (8 in the paper).
+        channel_multiplier: widths are ``base_channels`` times this (4; 8 in the paper).
         base_channels: widths of the input block and the 4 down levels.
         blocks_per_level: 3x3x3 convs after each stride-2 conv (encoder; decoder mirrors them).
         deep_supervision: in training mode also return the fields of the coarser decoder levels.
         symmetric: in training mode also return the fixed->moving field (merge order swapped).
         downsample: predict the field on a grid this many times coarser (input average-pooled) and
-            upsample it trilinearly: 2 costs about 1/8 of the time and memory of 1 (the paper's).
+            upsample it trilinearly: 2 (the default) costs about 1/8 of the time and memory of 1 (the paper's).
         step_range: the integrated step is ``1 + step_range (2 g - 1)`` voxels (1, the paper: (0, 2));
             see ``gradient_to_ddf``. It changes the field, so inference must use the training value.
         head_type: what the heads predict: "gradient" (the paper: the sigmoid step of the sampling grid along
@@ -227,8 +156,8 @@ class GradientRegNet(nn.Module):
             settings so that inference windows its inputs as training did (None: not recorded).
         input_pixdim, input_spatial_size: the voxel spacing (mm) and grid of the training scans, recorded so
             that inference puts raw scans on the grid the network learned on (None: not recorded).
-        label_channels: organ channels read after each image's windows: the one-hot predicted labels of the
-            segmentation bundle (organs 1..label_channels), so the network sees anatomy it cannot find in the
+        pseudo_channels: organ channels read after each image's windows: the one-hot predicted labels of the
+            segmentation bundle (organs 1..pseudo_channels), so the network sees anatomy it cannot find in the
             intensities; 0 (the default and the paper): images only.
 
     ``forward`` returns the ddf tensor in eval mode. In training mode it returns a dict:
@@ -241,12 +170,12 @@ class GradientRegNet(nn.Module):
     def __init__(
         self,
         in_channels: int = 3,
-        channel_multiplier: int = 8,
+        channel_multiplier: int = 4,
         base_channels: Sequence[int] = (4, 8, 16, 32, 64),
         blocks_per_level: Sequence[int] = (1, 2, 3, 2),
         deep_supervision: bool = True,
         symmetric: bool = False,
-        downsample: int = 1,
+        downsample: int = 2,
         step_range: float = 1.0,
         supervised_levels: int | None = None,
         head_type: str = "gradient",
@@ -255,7 +184,7 @@ class GradientRegNet(nn.Module):
         input_windows: Sequence[Sequence[float]] | None = None,
         input_pixdim: Sequence[float] | None = None,
         input_spatial_size: Sequence[int] | None = None,
-        label_channels: int = 0,
+        pseudo_channels: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 < step_range <= 1.0:
@@ -272,29 +201,9 @@ class GradientRegNet(nn.Module):
         self.input_windows = [[float(v) for v in w] for w in input_windows] if input_windows else None
         self.input_pixdim = [float(v) for v in input_pixdim] if input_pixdim else None
         self.input_spatial_size = [int(v) for v in input_spatial_size] if input_spatial_size else None
-        self.settings = _json_value(
-            {
-                "in_channels": in_channels,
-                "channel_multiplier": channel_multiplier,
-                "base_channels": base_channels,
-                "blocks_per_level": blocks_per_level,
-                "deep_supervision": deep_supervision,
-                "symmetric": symmetric,
-                "downsample": int(downsample),
-                "step_range": float(step_range),
-                "supervised_levels": supervised_levels,
-                "head_type": head_type,
-                "norm": norm,
-                "act": act,
-                "input_windows": self.input_windows,
-                "input_pixdim": self.input_pixdim,
-                "input_spatial_size": self.input_spatial_size,
-                "label_channels": int(label_channels),
-            }
-        )
         ch = [int(c * channel_multiplier) for c in base_channels]
         self.in_channels = in_channels
-        self.label_channels = int(label_channels)
+        self.pseudo_channels = int(pseudo_channels)
         self.deep_supervision = deep_supervision
         self.symmetric = symmetric
         self.downsample = int(downsample)
@@ -304,7 +213,7 @@ class GradientRegNet(nn.Module):
         )
         self.factor = 2 ** len(blocks_per_level)
         # encoder (shared by moving and fixed)
-        self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels + self.label_channels)
+        self.input_block = _ConvStack(ch[0], 2, norm, act, first_in=in_channels + self.pseudo_channels)
         self.down = nn.ModuleList(
             _Down(ch[i], ch[i + 1], n, norm, act) for i, n in enumerate(blocks_per_level)
         )
@@ -319,65 +228,6 @@ class GradientRegNet(nn.Module):
         for head in self.heads:  # zero init: every level starts at the identity
             nn.init.zeros_(head.conv.weight)
             nn.init.zeros_(head.conv.bias)
-
-    # -------------------------------------------------------------------- settings in the state dict
-    def get_extra_state(self) -> torch.Tensor:
-        data = json.dumps(self.settings, sort_keys=True).encode("utf-8")
-        if len(data) > SETTINGS_BYTES:
-            raise ValueError(f"the network's settings take {len(data)} bytes, more than {SETTINGS_BYTES}")
-        return torch.tensor(list(data.ljust(SETTINGS_BYTES)), dtype=torch.uint8)
-
-    def set_extra_state(self, state: Any) -> None:
-        """Loading weights saved with other settings is an error that names them (the shapes may agree: the
-        heads, the prediction grid and the windows change the field, not the weights)."""
-        saved = recorded_settings({SETTINGS_KEY: state})
-        if saved is None:
-            raise ValueError("the state dict's _extra_state is not the settings of a GradientRegNet")
-        diff = self.differences(saved)
-        if diff:
-            raise ValueError(
-                "these weights were saved by a GradientRegNet with other settings ("
-                + "; ".join(
-                    f"{k}: {saved.get(k)!r} in the weights, {self.settings.get(k)!r} here" for k in diff
-                )
-                + "): build the network from the checkpoint (scripts.weights.network_from_checkpoint) or with "
-                "the same settings"
-            )
-
-    def differences(self, settings: Mapping[str, Any]) -> list[str]:
-        """The model settings (``MODEL_SETTINGS``) in which ``settings`` differ from this network's; a
-        setting one side does not record (None) matches any."""
-        out = []
-        for key in MODEL_SETTINGS:
-            theirs, ours = _json_value(settings.get(key)), self.settings.get(key)
-            if theirs is None or ours is None:
-                continue
-            if key in ("channel_multiplier", "step_range"):
-                if float(theirs) != float(ours):
-                    out.append(key)
-            elif theirs != ours:
-                out.append(key)
-        return out
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # noqa: E501
-        # weights saved before the settings were recorded: the shapes are checked as usual, the head type
-        # by the buffer such networks carried, and the rest taken to be this network's
-        key = prefix + SETTINGS_KEY
-        if key not in state_dict:
-            legacy = (
-                "displacement" if state_dict.pop(prefix + LEGACY_FIELD_MARK, None) is not None else "gradient"
-            )
-            if legacy != self.head_type:
-                error_msgs.append(
-                    f"the weights are of a network with {legacy} heads, this one has {self.head_type} heads: "
-                    f"pass --head_type {legacy}"
-                )
-            state_dict[key] = self.get_extra_state()
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def encode_merged(self, pair: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features of (moving; fixed) stacked on the batch axis, merged (moving - fixed) per
@@ -439,11 +289,11 @@ class GradientRegNet(nn.Module):
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[int], Sequence[int]]:
         """Merged encoder features of a (moving, fixed) input, the unpadded prediction grid and the input size."""
-        c = self.in_channels + self.label_channels
+        c = self.in_channels + self.pseudo_channels
         if x.shape[1] != 2 * c:
             what = (
-                f" ({self.in_channels} windows + {self.label_channels} organs each)"
-                if self.label_channels
+                f" ({self.in_channels} windows + {self.pseudo_channels} organs each)"
+                if self.pseudo_channels
                 else ""
             )
             raise ValueError(f"expected {2 * c} channels (moving then fixed{what}), got {x.shape[1]}")
@@ -492,7 +342,7 @@ def input_windows_of(network: torch.nn.Module, default: Sequence[Sequence[float]
     of ``default``; ``default`` for any other network (a stand-in, a baseline)."""
     net = getattr(network, "module", network)
     windows = [list(w) for w in default]
-    if not hasattr(net, "differences"):  # not a GradientRegNet
+    if not hasattr(net, "input_windows"):  # not a GradientRegNet
         return windows
     if net.input_windows:
         return [list(w) for w in net.input_windows]

@@ -134,7 +134,7 @@ def attach_pseudo_labels(
     Dice term reads; the metrics keep reading the true labels).
 
     ``pseudo_datalist``: the segmentation bundle's ``datalist_pseudo.json``; every item with ``image`` and
-    ``pseudo_label`` maps that image (resolved against the list's folder) to its label map, so the
+    ``pseudo`` maps that image (resolved against the list's folder) to its label map, so the
     registration bundle needs nothing of the segmentation bundle but this file. A scan of a pair missing
     from it is an error naming both. ``fixed_pseudo``/``moving_pseudo``: one-pair mode. Keys a pair list
     already carries are kept.
@@ -159,15 +159,15 @@ def attach_pseudo_labels(
     for items in data.values():
         if isinstance(items, list):
             for it in items:
-                if isinstance(it, dict) and it.get("image") and it.get("pseudo_label"):
+                if isinstance(it, dict) and it.get("image") and it.get("pseudo"):
                     image = os.path.realpath(_resolve(it["image"], path.parent))
-                    lookup[image] = _resolve(it["pseudo_label"], path.parent)
+                    lookup[image] = _resolve(it["pseudo"], path.parent)
     for pair in out:
         for img, key in zip(IMAGE_KEYS, PSEUDO_KEYS, strict=True):
             if pair.get(key):
                 continue
             found = lookup.get(os.path.realpath(pair[img]))
             if found is None:
-                raise InputError(f"{path}: no pseudo_label for {img} scan {pair[img]}")
+                raise InputError(f"{path}: no pseudo (predicted labels) for {img} scan {pair[img]}")
             pair[key] = found
     return out

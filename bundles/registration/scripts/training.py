@@ -33,19 +33,22 @@ __all__ = [
     "ProgressBarHandler",
     "warmup_cosine",
     "WeightAverage",
+    "averaged_network",
 ]
 
 
 class TrainingBatch:
     """``prepare_batch``: input = moving then fixed channels; target = dict for the loss and the metric.
 
-    With ``label_channels`` > 0 each scan's channels are followed by its predicted labels (``moving_seg``,
-    ``fixed_seg``) one-hot over organs 1..label_channels: the input of a network built with ``label_channels``.
+    With ``pseudo_channels`` > 0 each scan's channels are followed by its predicted labels (``moving_pseudo``,
+    ``fixed_pseudo``) one-hot over organs 1..pseudo_channels: the input of a network built with ``pseudo_channels``.
     """
 
-    def __init__(self, moving_key: str = "moving", fixed_key: str = "fixed", label_channels: int = 0) -> None:
+    def __init__(
+        self, moving_key: str = "moving", fixed_key: str = "fixed", pseudo_channels: int = 0
+    ) -> None:
         self.moving_key, self.fixed_key = moving_key, fixed_key
-        self.label_channels = int(label_channels)
+        self.pseudo_channels = int(pseudo_channels)
 
     def __call__(self, batch: Mapping, device=None, non_blocking: bool = False, **kwargs):
         def dev(x):
@@ -60,9 +63,13 @@ class TrainingBatch:
             target["annotated"] = (
                 dev(batch["moving_annotated"]).float() * dev(batch["fixed_annotated"]).float()
             )
-        if self.label_channels:
-            moving = torch.cat([moving, one_hot_organs(dev(batch["moving_seg"]), self.label_channels)], dim=1)
-            fixed = torch.cat([fixed, one_hot_organs(dev(batch["fixed_seg"]), self.label_channels)], dim=1)
+        if self.pseudo_channels:
+            moving = torch.cat(
+                [moving, one_hot_organs(dev(batch["moving_pseudo"]), self.pseudo_channels)], dim=1
+            )
+            fixed = torch.cat(
+                [fixed, one_hot_organs(dev(batch["fixed_pseudo"]), self.pseudo_channels)], dim=1
+            )
         return torch.cat([moving, fixed], dim=1), target
 
 
@@ -222,3 +229,9 @@ class WeightAverage(EMAHandler):
     def _start_from_model(self, engine: Engine) -> None:
         if engine.state.iteration == 0:
             self.ema_model.load_state_dict(self.model.state_dict())
+
+
+def averaged_network(network: torch.nn.Module, average: WeightAverage | None = None) -> torch.nn.Module:
+    """The network that validation scores and ``model.pt`` holds: the running average of the weights where
+    training keeps one (``ema_momentum``), else the trained network itself."""
+    return network if average is None else average.ema_model

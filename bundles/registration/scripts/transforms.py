@@ -2,8 +2,8 @@
 
 * ``CTWindowd``: each CT window (width, level) of a HU image as one channel in [0, 1].
 * ``EnsureLabeld``: an all-zero label map for training cases without labels, so batches collate.
-* ``CheckLabelsd``: label maps hold whole organ ids 0..max_label, else an error naming the file and the ids
-  (a uint8 cast would wrap id 262 into 6, and an id above max_label silently drops an organ from the Dice).
+* ``CheckLabelsd`` (from ``scripts.label_checks``, shared with the segmentation bundle): label maps hold whole
+  organ ids 0..max_label, else an error naming the file and the ids.
 * ``LoadScand``: a scan loaded by file name, refused with the file's name when unreadable, not 3D or not
   finite, or (labels) with ids outside 0..max_label.
 * ``CheckSameGridd``: preprocessed pairs must share the fixed scan's grid (they are registered array to array).
@@ -27,6 +27,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
 from scripts.errors import InputError
+from scripts.label_checks import CheckLabelsd, label_map
 
 __all__ = [
     "SEG",
@@ -95,40 +96,6 @@ class EnsureLabeld(MapTransform):
         if d.get(self.label_key) is None:
             img = d[self.image_key]
             d[self.label_key] = torch.zeros((1, *img.shape[1:]), dtype=torch.uint8)
-        return d
-
-
-def label_map(labels: Any, max_label: int, source: object) -> np.ndarray:
-    """``labels`` as a uint8 array of organ ids, after checking that every voxel is a whole id in
-    0..``max_label``; an ``InputError`` naming ``source`` and the offending ids otherwise."""
-    arr = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
-    if arr.size and (arr.min() < 0 or arr.max() > max_label or not np.array_equal(arr, np.rint(arr))):
-        values = np.unique(arr)
-        bad = values[(values < 0) | (values > max_label) | (values != np.rint(values))]
-        shown = ", ".join(f"{v:g}" for v in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-        raise InputError(
-            f"{source}: label ids {shown} are not organ ids 0..{max_label}: label maps hold the 13-organ "
-            "scheme (the preprocessing bundle's output), one whole number per voxel"
-        )
-    return arr.astype(np.uint8)
-
-
-def _source(img: Any, key: str) -> str:
-    meta = getattr(img, "meta", None) or {}
-    return str(meta.get("filename_or_obj") or key)
-
-
-class CheckLabelsd(MapTransform):
-    """Refuse label maps with ids outside 0..``max_label`` (or not whole numbers), naming the file."""
-
-    def __init__(self, keys: KeysCollection, max_label: int = 13, allow_missing_keys: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.max_label = int(max_label)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            label_map(d[key], self.max_label, _source(d[key], str(key)))
         return d
 
 

@@ -1,6 +1,7 @@
-"""Trained weights for inference and fine-tuning: read, the network they belong to built, mismatches explained.
+"""Trained weights for inference and fine-tuning: read, the network they belong to built, mismatches explained,
+and loaded as the start of a training (``load_initial_weights``).
 
-A ``GradientRegNet`` records its settings in its state dict (``scripts.networks``), so ``inference.json``
+A ``GradientRegNet`` records its settings in its state dict (``scripts.settings``), so ``inference.json``
 builds the network a checkpoint was trained as, whatever recipe trained it (``network_from_checkpoint``).
 Weights that do not fit a network (another width, another head type, another network) are an error that
 names the file, the settings that differ and what to pass, before anything runs.
@@ -17,16 +18,16 @@ import torch
 from monai.handlers import CheckpointLoader
 
 from scripts.errors import InputError, as_flag
-from scripts.networks import MODEL_SETTINGS, GradientRegNet, recorded_settings, settings_from_shapes
+from scripts.networks import GradientRegNet
+from scripts.settings import recorded_settings, setting_hints
 
 __all__ = [
     "read_state",
-    "network_settings",
     "network_from_checkpoint",
-    "setting_hints",
     "mismatch",
     "check_weights",
     "checkpoint_handlers",
+    "load_initial_weights",
 ]
 
 logger = logging.getLogger("registration.weights")
@@ -61,33 +62,20 @@ def read_state(
     return state
 
 
-def network_settings(state: Mapping[str, torch.Tensor]) -> dict | None:
-    """The ``GradientRegNet`` settings a state dict records, else those its shapes tell (saved before the
-    settings were recorded); None for another network."""
-    return recorded_settings(state) or settings_from_shapes(state)
-
-
 def network_from_checkpoint(path: str | os.PathLike | None = None, **defaults: Any) -> GradientRegNet:
     """The ``GradientRegNet`` the weights in ``path`` were trained as (not loaded: ``CheckpointLoader`` does).
 
-    ``defaults`` fill what the checkpoint does not record: everything when there is no file at ``path`` (an
-    untrained network, e.g. for instance optimisation from the identity), and the settings that weights
-    saved before the settings were recorded cannot tell by their shapes (``downsample``, ``step_range``).
+    Without a file at ``path``, ``GradientRegNet(**defaults)``: the recommended network unless ``defaults`` say
+    otherwise (an untrained network, e.g. for instance optimisation from the identity).
     """
     if not path or not os.path.isfile(str(path)):
         return GradientRegNet(**defaults)
     state = read_state(path)
     recorded = recorded_settings(state)
     if recorded is None:
-        shapes = settings_from_shapes(state)
-        if shapes is None:
-            raise InputError(_foreign(path, state, "a GradientRegNet"))
-        recorded = {**defaults, **shapes}
-        logger.warning(
-            "%s records no settings (saved before they were recorded): read as %s; pass --network_def#<name> "
-            "for a setting it was trained with otherwise",
-            path,
-            recorded,
+        raise InputError(
+            f"{path}: these weights record no GradientRegNet settings (they have {list(state)[:3]}): a checkpoint "
+            "of another network (the segmentation bundle's model?); pass this bundle's models/model.pt"
         )
     return GradientRegNet(**recorded)
 
@@ -98,34 +86,6 @@ def _foreign(path: Any, state: Mapping, expected: str) -> str:
         f"{list(state)[:3]}): a checkpoint of another network (the segmentation bundle's model?); pass this "
         "bundle's models/model.pt, or the network_def it was trained with"
     )
-
-
-def _cli_hint(key: str, value: Any) -> str:
-    """What to pass to ``train.json`` so that its network gets ``value`` for setting ``key``."""
-    if key == "in_channels":
-        what = {1: "--multi_window False", 3: "--multi_window True"}.get(
-            value, f"--ct_windows with {value} windows"
-        )
-        return f"{value} CT window(s) per scan: pass {what}"
-    if key == "input_windows":
-        return f'CT windows {value}: pass --ct_windows "{value}"'
-    text = str(value).lower() if isinstance(value, bool) else value
-    return f"{key} {value}: pass --{key} {text}"
-
-
-def setting_hints(state: Mapping[str, torch.Tensor], network: torch.nn.Module) -> list[str]:
-    """For each model setting in which the weights' network differs from ``network`` (a ``GradientRegNet``),
-    what to pass; empty when that cannot be told."""
-    net = getattr(network, "module", network)
-    theirs = network_settings(state)
-    if theirs is None or not hasattr(
-        net, "differences"
-    ):  # a GradientRegNet (by behaviour: modules may be reloaded)
-        return []
-    keys = net.differences(theirs)
-    if "input_windows" in keys and "in_channels" in keys:
-        keys.remove("input_windows")
-    return [_cli_hint(k, theirs[k]) for k in keys if k in MODEL_SETTINGS]
 
 
 def mismatch(state: Mapping[str, torch.Tensor], network: torch.nn.Module) -> str | None:
@@ -193,3 +153,43 @@ def checkpoint_handlers(
     if as_flag(used):
         logger.warning("no checkpoint at %s: running the network with its initial weights", ckpt_path)
     return []
+
+
+def load_initial_weights(
+    path: str | os.PathLike, network: torch.nn.Module, strict: bool | str = True, min_fraction: float = 0.5
+) -> dict:
+    """Start a fresh training from the weights in ``path`` (``initial_ckpt``, e.g. fine-tuning's pretrained
+    source); returns ``{"loaded", "skipped"}`` tensor names.
+
+    Strict: every tensor must fit, as ``load_state_dict`` checks. Not strict: the tensors whose names and shapes
+    fit are loaded and the others keep their initial values; how many of each is logged (MONAI's loader says
+    "Restored all variables" whatever it skipped), fewer than ``min_fraction`` of the network's tensors is
+    warned about, and weights of which none fits (another network) are refused.
+    """
+    state = read_state(path)
+    net = getattr(network, "module", network)
+    if as_flag(strict):
+        net.load_state_dict(state, strict=True)
+        logger.info("%s: loaded all %d tensors of the network", path, len(state))
+        return {"loaded": list(state), "skipped": []}
+    own = net.state_dict()
+    names = [k for k in own if k != "_extra_state"]
+    fits = [k for k in names if k in state and tuple(state[k].shape) == tuple(own[k].shape)]
+    skipped = [k for k in names if k not in fits]
+    if not fits:
+        raise ValueError(
+            f"{path}: none of the network's {len(names)} tensors is in these weights with its shape (they hold "
+            f"{len(state)}, e.g. {list(state)[:2]}): weights of another network; pass a checkpoint of this one"
+        )
+    net.load_state_dict({**own, **{k: state[k] for k in fits}}, strict=True)
+    logger.info(
+        "%s: loaded %d of the network's %d tensors; %d kept their initial values%s",
+        path,
+        len(fits),
+        len(names),
+        len(skipped),
+        f" (e.g. {', '.join(skipped[:3])})" if skipped else "",
+    )
+    if len(fits) < min_fraction * len(names):
+        logger.warning("%s: fewer than %.0f%% of the network's tensors were loaded", path, 100 * min_fraction)
+    return {"loaded": fits, "skipped": skipped}

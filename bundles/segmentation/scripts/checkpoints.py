@@ -1,10 +1,13 @@
-"""Checkpoints that survive a kill at any moment, resuming from the last complete one, finished runs left alone.
+"""Training checkpoints that survive a kill at any moment, found again by a rerun, a finished run left alone.
 
-MONAI's ``CheckpointSaver`` writes with ``atomic=False`` and Ignite removes checkpoint N before
-N+1 is written, so a kill during the write leaves nothing to resume from. ``AtomicCheckpointSaver``
-writes every file atomically (``atomic.atomic_write``) and removes the files it supersedes only
-once the new one is complete; that includes ``checkpoint_epoch=N.pt`` files of earlier runs (a
-resumed run starts from one, which Ignite does not know about).
+MONAI's ``CheckpointSaver`` saves with ``atomic=False`` and, through Ignite's ``Checkpoint``, removes the previous
+file *before* the next one is written: a run killed while saving keeps no usable checkpoint.
+``AtomicCheckpointSaver`` is that saver with every file written atomically (``atomic.atomic_write``) and the files
+it supersedes removed only once the new one is complete, ``checkpoint_epoch=N.pt`` files of earlier runs included
+(a resumed run starts from one, which Ignite does not know about).
+
+A shared copy: the registration and segmentation bundles hold the same file (``tests/test_layout.py`` keeps them
+equal), so it imports only its bundle's ``atomic`` and libraries.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -22,7 +26,7 @@ from ignite.engine import Engine
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
 
-from .atomic import atomic_write, remove_stale_temps
+from scripts.atomic import atomic_write, remove_stale_temps
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "run_unless_finished"]
 
@@ -47,6 +51,7 @@ class _WriteThenRemove(BaseSaveHandler):
         if series and self.prune:  # the same series, not kept by Ignite (n_saved) or left by an earlier run
             for old in self.dirname.glob(f"{series['stem']}*{series['ext']}"):
                 if _SERIES.match(old.name) and old.name not in self.kept:
+                    logger.info("removing %s (superseded by %s)", old, name)
                     old.unlink(missing_ok=True)
 
     def remove(self, filename: str) -> None:
@@ -54,9 +59,13 @@ class _WriteThenRemove(BaseSaveHandler):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """``monai.handlers.CheckpointSaver`` (same arguments) whose files are never partial or missing."""
+    """``monai.handlers.CheckpointSaver`` (same arguments) whose files are never seen half-written or missing.
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
+    It is also the record of the best model so far: list it in a training checkpoint's ``save_dict`` (as
+    ``best``) and a resumed run keeps ``model.pt`` unless it beats the recorded best metric.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
         super().__init__(save_dir, save_dict, **kwargs)
         for ckpt in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if ckpt is not None:
@@ -65,22 +74,32 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def attach(self, engine: Engine) -> None:
         for path in remove_stale_temps(self.save_dir, recursive=False):
-            logger.info(f"removed {path}, left by a run killed while saving")
+            logger.info("removed %s, left by a run killed while saving", path)
         super().attach(engine)
 
+    def state_dict(self) -> Mapping:
+        """The best-model record (the key-metric checkpoint's files and scores), for a training checkpoint."""
+        if self._key_metric_checkpoint is None:
+            raise ValueError(
+                "this saver keeps no best model (save_key_metric false): it has no record to save"
+            )
+        return self._key_metric_checkpoint.state_dict()
 
-def _complete(path: Path) -> bool:
-    """A ``torch.save`` file is a zip archive; a truncated one has no central directory."""
-    return zipfile.is_zipfile(path)
+    def load_state_dict(self, state: Mapping) -> None:
+        """Take the best-model record back from a training checkpoint (a resumed run)."""
+        if self._key_metric_checkpoint is None:
+            raise ValueError("this saver keeps no best model (save_key_metric false): it takes no record")
+        self._key_metric_checkpoint.load_state_dict(state)
 
 
 def latest_checkpoint(
     ckpt_dir: str | os.PathLike, pattern: str = r"checkpoint_epoch=(\d+)\.pt"
 ) -> str | None:
-    """The newest complete training checkpoint in ``ckpt_dir`` (highest epoch), or None.
+    """The newest complete training checkpoint in ``ckpt_dir`` (highest epoch), or None: what a rerun resumes from.
 
-    Hidden temporary files never match; an unreadable newest file (written by a non-atomic saver
-    and cut short) is skipped with a warning, so a rerun resumes from the last complete one.
+    Hidden temporary files never match; a file that is not a complete zip archive (``torch.save``'s format: a
+    truncated copy, or a file a killed non-atomic writer left under its final name) is skipped with a warning, so
+    a rerun resumes from the last complete one.
     """
     folder = Path(ckpt_dir)
     if not folder.is_dir():
@@ -89,24 +108,26 @@ def latest_checkpoint(
         ((int(m.group(1)), f) for f in folder.iterdir() if (m := re.fullmatch(pattern, f.name))), reverse=True
     )
     for _, path in found:
-        if _complete(path):
+        if zipfile.is_zipfile(path):
             return str(path)
-        logger.warning(f"{path} is incomplete (cut short while being written): not resuming from it")
+        logger.warning("%s is incomplete (cut short while being written): not resuming from it", path)
     return None
 
 
-def run_unless_finished(trainer: Engine) -> None:
-    """Run the trainer, unless the checkpoint it resumed from already reached ``max_epochs``.
+def run_unless_finished(trainer: Engine, resume_checkpoint: str | None = None) -> None:
+    """Run ``trainer``, unless the checkpoint it resumed from (``resume_checkpoint``) already reached ``max_epochs``.
 
-    Ignite would start a finished run again from epoch 0 on top of the trained weights. To train
-    longer, raise ``max_epochs``; to train again from scratch, pass ``--resume False``.
+    Ignite restarts a finished engine from epoch 0, so a rerun of a finished training would train ``max_epochs``
+    more epochs on top of its weights and overwrite its checkpoints.
     """
     state = trainer.state
     if state.max_epochs is not None and 0 < state.max_epochs <= state.epoch:
-        trainer.logger.info(
-            f"training already finished: the checkpoint reached epoch {state.epoch} of max_epochs "
-            f"{state.max_epochs}; nothing to do (raise --max_epochs to train longer, or --resume False "
-            "to start over)"
+        logger.warning(
+            "%straining already finished (epoch %d of max_epochs %d); nothing to do. Pass a larger --max_epochs "
+            "to train more epochs from it, or --resume False (or another --ckpt_dir) to train again from the start.",
+            f"{resume_checkpoint}: " if resume_checkpoint else "",
+            state.epoch,
+            state.max_epochs,
         )
         return
     trainer.run()

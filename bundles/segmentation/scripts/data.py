@@ -14,8 +14,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.config import KeysCollection
-from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -28,11 +26,10 @@ __all__ = [
     "PartialLabelBatch",
     "existing",
     "plain_name",
-    "CheckLabelsd",
 ]
 
 # Keys whose values are file paths relative to the datalist's folder (data/README.md).
-PATH_KEYS = ("image", "label", "pseudo_label", "fixed", "moving", "fixed_label", "moving_label")
+PATH_KEYS = ("image", "label", "pseudo", "fixed", "moving", "fixed_label", "moving_label")
 
 
 def _resolve(item: dict, base: Path) -> dict:
@@ -189,28 +186,3 @@ class PartialLabelBatch:
 def existing(path: str | os.PathLike | None) -> str | None:
     """``path`` if that file exists, else None (to make a checkpoint loader conditional in a config)."""
     return str(path) if path and Path(path).is_file() else None
-
-
-class CheckLabelsd(MapTransform):
-    """Label maps hold whole organ ids 0..``max_label``; anything else is an error naming the file and the ids
-    (a uint8 cast would wrap id 262 into 6, and an id above the classes breaks the one-hot loss)."""
-
-    def __init__(self, keys: KeysCollection, max_label: int = 13, allow_missing_keys: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.max_label = int(max_label)
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            arr = np.asarray(torch.as_tensor(d[key]).detach().cpu())
-            if arr.size and (
-                arr.min() < 0 or arr.max() > self.max_label or not np.array_equal(arr, np.rint(arr))
-            ):
-                values = np.unique(arr)
-                bad = values[(values < 0) | (values > self.max_label) | (values != np.rint(values))]
-                source = (getattr(d[key], "meta", None) or {}).get("filename_or_obj", key)
-                raise ValueError(
-                    f"{source}: label ids {', '.join(f'{v:g}' for v in bad[:8])} are not organ ids "
-                    f"0..{self.max_label} (the 13-organ scheme of the preprocessing bundle's output)"
-                )
-        return d

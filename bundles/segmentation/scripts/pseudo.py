@@ -50,7 +50,7 @@ class SaveLabelMapd(MapTransform):
         keys: str | Sequence[str] = "pred",
         output_dir: str | os.PathLike = ".",
         folder: str = "pseudo_labels",
-        path_key: str = "pseudo_label",
+        path_key: str = "pseudo",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -95,9 +95,10 @@ def write_pseudo_datalist(
     folder: str = "pseudo_labels",
     lists: Sequence[str] = ("training", "validation"),
 ) -> str:
-    """Copy of ``datalist`` with ``pseudo_label`` on every item of ``lists`` and all ``num_organs`` organs annotated.
+    """Copy of ``datalist`` with ``pseudo`` (the predicted label map) on every item of ``lists`` and all
+    ``num_organs`` organs annotated.
 
-    ``annotated`` now describes ``pseudo_label``; the cohort's own vector is kept as
+    ``annotated`` now describes ``pseudo``; the cohort's own vector is kept as
     ``label_annotated`` (``label`` stays the real, partial map). Every path is rewritten
     relative to the new file's folder. Fails if a case has no pseudo label (inference incomplete).
     """
@@ -120,7 +121,7 @@ def write_pseudo_datalist(
                 path = pseudo_label_path(out_dir, item.get("cohort", "default"), case, folder)
                 if not path.is_file():
                     missing.append(str(path))
-                item["pseudo_label"] = _relative(str(path), out_dir)
+                item["pseudo"] = _relative(str(path), out_dir)
                 item["label_annotated"] = item.get("annotated", [0] * num_organs)
                 item["annotated"] = [1] * num_organs
             new_items.append(item)
