@@ -57,27 +57,36 @@ def test_bench_pipeline_trains_and_scores_every_ablation_model_with_one_recipe(t
     assert {
         "registration_baseline",
         "registration_symmetric",
-        "registration_pretrain_unsupervised",
-        "registration_finetune_unsupervised",
-        "registration_pretrain_pseudo",
-        "registration_finetune_pseudo",
+        "registration_unsupervised_pretraining_pretrain",
+        "registration_unsupervised_pretraining",
+        "registration_pseudo_pretraining_pretrain",
+        "registration_pseudo_pretraining",
+        "registration_pseudo_input",
     } <= set(by_name)
     deps = dependencies(stages)
-    assert "registration_pretrain_pseudo" in deps["registration_finetune_pseudo"]
+    assert "registration_pseudo_pretraining_pretrain" in deps["registration_pseudo_pretraining"]
     assert list(by_name["report"].args["methods"]) == [
         "identity",
         "baseline",
-        "+ symmetric",
-        "+ unsupervised pretraining",
-        "+ pretraining with noisy labels",
-        "baseline + predicted labels as input",
+        "symmetric",
+        "unsupervised_pretraining",
+        "pseudo_pretraining",
+        "pseudo_input",
         "ANTs SyN",
         "ConvexAdam",
     ]
+    # the ablation steps: each model against the row it adds to (pseudo_pretraining against unsupervised_pretraining
+    # where that row runs, else symmetric), pseudo_input against the baseline
+    assert by_name["report"].args["steps"] == {
+        "symmetric": "baseline",
+        "unsupervised_pretraining": "symmetric",
+        "pseudo_pretraining": "unsupervised_pretraining",
+        "pseudo_input": "baseline",
+    }
     # the network reading predicted labels gets them in training and at test time, and twice the baseline's steps
-    assert by_name["registration_seg_input"].overrides["seg_key"] == "pseudo_label"
-    assert "pseudo_datalist" in by_name["evaluate_seg_input"].overrides
-    assert int(by_name["registration_seg_input"].overrides["max_epochs"]) == 2 * int(
+    assert by_name["registration_pseudo_input"].overrides["pseudo_input"] == "True"
+    assert "pseudo_datalist" in by_name["evaluate_pseudo_input"].overrides
+    assert int(by_name["registration_pseudo_input"].overrides["max_epochs"]) == 2 * int(
         by_name["registration_baseline"].overrides["max_epochs"]
     )
 
@@ -114,10 +123,10 @@ def test_io_curve_scores_each_iteration_count_from_each_start_on_a_finished_run(
         if "identity" in s.name:
             assert s.overrides["instance_opt_start"] == "identity" and "ckpt_path" not in s.overrides
         else:
-            model = tmp_path / "registration" / "finetune_pseudo" / "models" / "model.pt"
+            model = tmp_path / "registration" / "pseudo_pretraining" / "models" / "model.pt"
             assert s.overrides["ckpt_path"] == str(model)
             labelled = "pseudo_datalist" in s.overrides
-            assert labelled == ("labels" in s.name)
+            assert labelled == ("pseudo" in s.name)
     assert len({s.outputs[0] for s in evals}) == 12  # no two stages write the same metrics
     (report,) = [s for s in stages if s.builtin == "report"]
     assert list(report.args["methods"]) == [s.row for s in evals]

@@ -39,15 +39,15 @@ def test_every_stage_runs_through_monai_bundle(tiny_run):
     assert set(report) >= {
         "identity",
         "baseline",
-        "+ symmetric",
-        "+ unsupervised pretraining",
-        "+ pretraining with noisy labels",
-        "baseline + predicted labels as input",
-        "noisy-label model + instance opt. (image + predicted labels)",
+        "symmetric",
+        "unsupervised_pretraining",
+        "pseudo_pretraining",
+        "pseudo_input",
+        "pseudo_pretraining + instance_opt (pseudo)",
         "ANTs SyN",
     }
     assert (
-        report["noisy-label model + instance opt. (image + predicted labels)"]["runtime_s"] > 0
+        report["pseudo_pretraining + instance_opt (pseudo)"]["runtime_s"] > 0
     )  # fed by the real pseudo datalist
     assert (
         report["identity"]["fold_fraction"] == 0.0
@@ -55,7 +55,7 @@ def test_every_stage_runs_through_monai_bundle(tiny_run):
     )
     assert (work / "report" / "report.png").stat().st_size > 10_000
     pseudo = json.loads((work / "pseudo" / "datalist_pseudo.json").read_text())
-    assert all("pseudo_label" in it for it in pseudo["training"]), (
+    assert all("pseudo" in it for it in pseudo["training"]), (
         "every case, image-only cohorts included, gets a pseudo label"
     )
 
@@ -84,7 +84,7 @@ def test_finetune_starts_from_the_pretrained_weights(tiny_run):
     work, _ = tiny_run
     import_bundle_module("registration", "scripts.training")
     _, stages = load_pipeline(TINY, work)
-    stage = next(s for s in stages if s.name == "registration_finetune_pseudo")
+    stage = next(s for s in stages if s.name == "registration_pseudo_pretraining")
     root = bundle_dir("registration")
     overrides = {k: v for k, v in stage.overrides.items()}
     overrides["ckpt_dir"] = str(
@@ -100,7 +100,7 @@ def test_finetune_starts_from_the_pretrained_weights(tiny_run):
     wf.initialize()
     net = wf.parser.get_parsed_content("network")
     pretrained = torch.load(
-        work / "registration" / "pretrain_pseudo" / "models" / "model.pt",
+        work / "registration" / "pseudo_pretraining_pretrain" / "models" / "model.pt",
         map_location="cpu",
         weights_only=True,
     )
@@ -121,7 +121,7 @@ def test_export_a_finished_training_stage(tiny_run, tmp_path):
     work, _ = tiny_run
     archive = export(
         "registration",
-        stage="registration_finetune_pseudo",
+        stage="registration_pseudo_pretraining",
         pipeline=str(TINY),
         work=str(work),
         data="tiny synthetic cohorts (abdoreg synth)",
@@ -137,10 +137,12 @@ def test_export_a_finished_training_stage(tiny_run, tmp_path):
     assert network["channel_multiplier"] == int(variables["reg_width"]) and network["symmetric"] is True
     assert network["input_spatial_size"] == json.loads(variables["spatial_size"])
     assert network["input_pixdim"] == json.loads(variables["pixdim"])
-    evaluation = json.loads((work / "evaluation" / "pretrain_pseudo" / "metrics.json").read_text())
+    evaluation = json.loads((work / "evaluation" / "pseudo_pretraining" / "metrics.json").read_text())
     assert meta["eval_metrics"]["val_mean_dice"] == pytest.approx(evaluation["summary"]["dice"])
     exported = torch.load(tmp_path / name / "models" / "model.pt", weights_only=True)
-    trained = torch.load(work / "registration" / "finetune_pseudo" / "models" / "model.pt", weights_only=True)
+    trained = torch.load(
+        work / "registration" / "pseudo_pretraining" / "models" / "model.pt", weights_only=True
+    )
     trained = trained.get("model", trained)
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
 

@@ -87,8 +87,11 @@ def test_report_over_repeated_runs_gives_spread_and_per_run_step_gains(tmp_path)
             ),
             "ANTs SyN": _metrics(work / "evaluation" / "syn" / "metrics.json", base + 0.04),
             "baseline + labels": _metrics(work / "evaluation" / "labels" / "metrics.json", base - 0.05),
+            "pseudo_input": _metrics(work / "evaluation" / "pseudo_input" / "metrics.json", base + 0.03),
         }
-        steps.report(lambda _: None, methods, str(work / "report"), compare_to=[])
+        steps.report(
+            lambda _: None, methods, str(work / "report"), compare_to=[], steps={"pseudo_input": "baseline"}
+        )
         works.append(str(work))
     table = steps.report_repeats(",".join(works), out_dir=str(tmp_path / "out"))
     assert (tmp_path / "out" / "repeats.md").read_text() == table
@@ -104,6 +107,9 @@ def test_report_over_repeated_runs_gives_spread_and_per_run_step_gains(tmp_path)
     )  # not an ablation step
     named = next(ln for ln in table.splitlines() if ln.startswith("| baseline -> baseline + labels |"))
     assert named.count("-0.050") == 3 and named.count("**") == 6  # "X + ..." is measured against row X
+    recorded = next(ln for ln in table.splitlines() if ln.startswith("| baseline -> pseudo_input |"))
+    assert recorded.count("+0.030") == 3  # a step the pipeline graph names (step_of), whatever the row's name
+    assert not any(ln.startswith("| baseline + labels -> pseudo_input") for ln in table.splitlines())
 
     (tmp_path / "seed1" / "report" / "report.json").unlink()
     with pytest.raises(FileNotFoundError, match="seed1"):

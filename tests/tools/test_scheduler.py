@@ -43,9 +43,9 @@ def test_demo_dependencies_follow_inputs_and_outputs(tmp_path):
     seg = _deps(stages, "segmentation_train")
     assert {s.name for s in stages if s.name.startswith("preprocess")} <= seg
     # the fine-tuning stage waits for its pretraining, not for the unrelated trainings
-    ft = _deps(stages, "registration_finetune_pseudo")
-    assert "registration_pretrain_pseudo" in ft and "registration_baseline" not in ft
-    assert "registration_symmetric" not in _deps(stages, "registration_pretrain_pseudo")
+    ft = _deps(stages, "registration_pseudo_pretraining")
+    assert "registration_pseudo_pretraining_pretrain" in ft and "registration_baseline" not in ft
+    assert "registration_symmetric" not in _deps(stages, "registration_pseudo_pretraining_pretrain")
     assert "segmentation_train" not in _deps(stages, "registration_baseline")
     assert {s.name for s in stages if s.name.startswith("evaluate")} <= _deps(stages, "report")
 

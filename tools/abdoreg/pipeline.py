@@ -56,6 +56,9 @@ class Stage:
     env: dict[str, str] = field(default_factory=dict)  # environment variables of the stage's process
     after: list[str] = field(default_factory=list)  # stages to wait for besides those found from paths
     row: str | None = None  # the stage's row in the report (its first output is the row's metrics.json)
+    step_of: list[str] = field(
+        default_factory=list
+    )  # rows this row is an ablation step from (the first that runs)
 
 
 def _substitute(value: Any, variables: dict[str, str]) -> Any:
@@ -149,9 +152,14 @@ def load_pipeline(
         if unknown:
             raise ValueError(f"{path}: stage {stage.name} is after {unknown}, which are not earlier stages")
     rows = {s.row: s.outputs[0] for s in stages if s.row}
-    for stage in stages:  # the report lists the rows of the stages that run
+    steps = {s.row: next((r for r in s.step_of if r in rows), None) for s in stages if s.row and s.step_of}
+    for (
+        stage
+    ) in stages:  # the report lists the rows of the stages that run, and the ablation steps among them
         if stage.builtin == "report" and "methods" not in stage.args:
             stage.args["methods"] = dict(rows)
+            if any(steps.values()):
+                stage.args["steps"] = {row: base for row, base in steps.items() if base}
     return variables, stages
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ def synth(
     generate(out, size=size, n_l2r=int(n_l2r), n_other=int(n_other), seed=int(seed), log=log)
 
 
-def pair_dice(metrics: dict) -> dict[tuple[str, str], float]:
+def dice_by_pair(metrics: dict) -> dict[tuple[str, str], float]:
     """Per-pair DSC of a ``metrics.json``, keyed by the (fixed, moving) file names (NaN where undefined)."""
     out = {}
     for case in metrics.get("cases", []):
@@ -80,19 +80,23 @@ def report(
     out_dir: str,
     title: str = "Ablation",
     compare_to: Sequence[str] = ("identity", "ANTs SyN"),
+    steps: Mapping[str, str] | None = None,
 ) -> str:
     """Markdown table and PNG bar chart of each method's ``metrics.json``; returns the markdown.
 
     Per method: the summary metrics, a 95% bootstrap interval of the mean DSC over pairs, and for each
     method named in ``compare_to`` the mean paired DSC difference with its Wilcoxon signed-rank p-value
-    over the pairs both methods scored.
+    over the pairs both methods scored. ``steps`` (row -> row) records which rows are ablation steps from which
+    (``step_from`` in ``report.json``, what ``report_repeats`` measures).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, per_pair = {}, {}
     for name, path in methods.items():
         data = json.loads(Path(path).read_text())
-        rows[name], per_pair[name] = dict(data["summary"]), pair_dice(data)
+        rows[name], per_pair[name] = dict(data["summary"]), dice_by_pair(data)
+        if steps and steps.get(name):  # an ablation step from that row (report_repeats measures it)
+            rows[name]["step_from"] = steps[name]
         rows[name]["metrics_file"] = str(Path(path).resolve())  # for per-pair comparisons across runs
         lo, hi = bootstrap_ci(list(per_pair[name].values()))
         rows[name]["dice_ci_low"], rows[name]["dice_ci_high"] = lo, hi
@@ -169,9 +173,12 @@ def _chart(rows: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def step_base(earlier: Sequence[str], row: str) -> str | None:
-    """The row an ablation step is measured against: the row before for ``+ ...``, row ``X`` for ``X + ...``
-    (the longest such earlier row), else None (not a step)."""
+def step_base(earlier: Sequence[str], row: str, step_from: str | None = None) -> str | None:
+    """The row an ablation step is measured against: the row it names as ``step_from`` (the pipeline graph's
+    ``step_of``), the row before for ``+ ...``, row ``X`` for ``X + ...`` (the longest such earlier row), else
+    None (not a step)."""
+    if step_from:
+        return step_from if step_from in earlier else None
     if row.startswith("+ "):
         return earlier[-1]
     named = [r for r in earlier if row.startswith(r + " + ")]
@@ -181,8 +188,8 @@ def step_base(earlier: Sequence[str], row: str) -> str | None:
 def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> str:
     """One table over repeated runs of a pipeline (``--works runs/a,runs/b,...``, e.g. the same pipeline with
     ``--reg_seed 0``, ``1``, ``2``), read from their ``report/report.json``: each row's DSC in every run with
-    the mean, sample standard deviation and range; then each ablation step (a row named ``+ ...`` against the row
-    before it, ``X + ...`` against row ``X``) with its DSC gain in every run and the Wilcoxon p-value over that run's pairs. Returns the markdown.
+    the mean, sample standard deviation and range; then each ablation step (a row against the row it records as
+    ``step_from``, a row named ``+ ...`` against the row before it, ``X + ...`` against row ``X``) with its DSC gain in every run and the Wilcoxon p-value over that run's pairs. Returns the markdown.
     """
     paths = [Path(w) for w in (works.split(",") if isinstance(works, str) else works)]
     reports = []
@@ -201,7 +208,9 @@ def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> st
         lines.append(
             f"| {row} | {cells} | {values.mean():.3f} | {sd:.3f} | {values.min():.3f}-{values.max():.3f} |"
         )
-    bases = [(step_base(rows[:i], row), row) for i, row in enumerate(rows) if i]
+    bases = [
+        (step_base(rows[:i], row, reports[0][row].get("step_from")), row) for i, row in enumerate(rows) if i
+    ]
     steps = [(before, after) for before, after in bases if before]
     if steps:
         lines += ["", f"| step (ΔDSC, Wilcoxon p) | {runs} |", "|---|" + "---|" * len(paths)]
@@ -214,7 +223,7 @@ def report_repeats(works: str | Sequence[str], out_dir: str | None = None) -> st
                     f"{w / 'report' / 'report.json'}: rows {after!r} / {before!r} do not name readable metrics "
                     "files (re-run the pipeline's report stage: --only report)"
                 )
-            a, b = (pair_dice(json.loads(Path(f).read_text())) for f in files)
+            a, b = (dice_by_pair(json.loads(Path(f).read_text())) for f in files)
             delta, p, _ = paired_test(a, b)
             mark = "**" if np.isfinite(p) and p < ALPHA else ""
             cells.append(f"{mark}{delta:+.3f} (p {p:.2g}){mark}")
