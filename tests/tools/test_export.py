@@ -68,6 +68,7 @@ def _tiny_net(multiplier: int = 1, seed: int = 0) -> torch.nn.Module:
     net = networks.GradientRegNet(
         in_channels=3,
         channel_multiplier=multiplier,
+        downsample=1,
         input_windows=WINDOWS,
         input_pixdim=[6.0, 6.0, 6.0],
         input_spatial_size=[48, 40, 64],
@@ -299,7 +300,9 @@ def test_source_of_another_architecture_is_a_clear_error(exported, tmp_path):
         tmp_path / "model.pt"
     )
     assert pretrained.resolve_pretrained(str(tmp_path), tmp_path, fit) == str(tmp_path / "model.pt")
-    displacement = networks.GradientRegNet(in_channels=3, channel_multiplier=1, head_type="displacement")
+    displacement = networks.GradientRegNet(
+        in_channels=3, channel_multiplier=1, downsample=1, head_type="displacement"
+    )
     with pytest.raises(ValueError, match="head_type gradient: pass --head_type gradient"):
         pretrained.resolve_pretrained(str(tmp_path / "model.pt"), tmp_path, displacement)
     with pytest.raises(FileNotFoundError, match="no_such.zip"):

@@ -46,8 +46,6 @@ BUNDLE_PARTS = ("configs", "scripts", "docs", "LICENSE", "large_files.yml")
 # Inference parts whose settings a trained model depends on (MONAI bundle properties, also what
 # MONAI Label's BundleInferTask reads).
 MODEL_PARTS = ("network_def", "preprocessing", "inferer")
-# What a registration export may be told about weights saved before they recorded their settings.
-REGISTRATION_SETTINGS = ("downsample", "step_range", "head_type", "input_pixdim", "input_spatial_size")
 # Bundle names: the zoo's lowercase words joined by "_". MONAI splits release asset names at the first
 # "_v" (`_get_all_bundles_info`), and strips a "monai_" prefix for NGC sources, so neither may appear.
 NAME_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
@@ -261,14 +259,14 @@ def _stamp_config(path: Path, settings: Mapping[str, Any], network_def: Mapping 
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-# Run inside the staged registration bundle: the settings its weights record (defaults for what they do not).
+# Run inside the staged registration bundle: the settings its weights record.
 _SETTINGS = r"""
 import json, sys, warnings
 warnings.simplefilter("ignore")
 from scripts.errors import InputError
 from scripts.weights import network_from_checkpoint
 try:
-    net = network_from_checkpoint("models/model.pt", **json.loads(sys.argv[1]))
+    net = network_from_checkpoint("models/model.pt")
 except (InputError, TypeError, ValueError) as e:
     print(json.dumps({"error": str(e)}))
     sys.exit(3)
@@ -282,11 +280,10 @@ def _staged_env(bundle_dir: Path) -> dict:
     return env
 
 
-def recorded_network(bundle_dir: Path, defaults: Mapping[str, Any], model: object) -> dict:
-    """The registration network's settings as its staged weights record them (``defaults`` fill in what
-    weights saved before the settings were recorded cannot tell)."""
+def recorded_network(bundle_dir: Path, model: object) -> dict:
+    """The registration network's settings as its staged weights record them."""
     proc = subprocess.run(
-        [sys.executable, "-c", _SETTINGS, json.dumps(dict(defaults))],
+        [sys.executable, "-c", _SETTINGS],
         cwd=bundle_dir,
         env=_staged_env(bundle_dir),
         capture_output=True,
@@ -300,10 +297,17 @@ def recorded_network(bundle_dir: Path, defaults: Mapping[str, Any], model: objec
 
 
 def registration_train_settings(network: Mapping[str, Any]) -> dict:
-    """train.json's keys for a network's settings (its CT windows as ``ct_windows``, all of them used)."""
-    out = {k: v for k, v in network.items() if not k.startswith("input_") and k != "in_channels"}
+    """train.json's keys for a network's settings (its CT windows as ``ct_windows``, all of them used; predicted
+    labels as input as ``pseudo_input``)."""
+    out = {
+        k: v
+        for k, v in network.items()
+        if not k.startswith("input_") and k not in ("in_channels", "pseudo_channels")
+    }
     if network.get("input_windows"):
         out.update(ct_windows=network["input_windows"], multi_window=True)
+    if "pseudo_channels" in network:
+        out["pseudo_input"] = bool(network["pseudo_channels"])
     return out
 
 
@@ -439,14 +443,14 @@ def export(
     train_raw = _read_json(src / "configs" / "train.json")
     infer_raw = _read_json(src / "configs" / "inference.json")
     records_settings = bundle == "registration"  # its weights record the network's settings
-    keys = list(REGISTRATION_SETTINGS) if records_settings else model_settings(train_raw, infer_raw)
+    if records_settings and settings:
+        raise ExportError(
+            f"{', '.join(settings)}: the registration weights record their network settings (the exported configs "
+            "get them from the weights), so an export takes none"
+        )
+    keys = [] if records_settings else model_settings(train_raw, infer_raw)
     unknown = [k for k in settings if re.split(r"#|::", k)[0] not in keys]
     if unknown:
-        if records_settings:
-            raise ExportError(
-                f"{', '.join(unknown)}: the registration weights record their network settings; only weights "
-                f"saved before they did (bundle < 0.3.0) take settings, and only {', '.join(keys)}"
-            )
         raise ExportError(
             f"{', '.join(unknown)}: not model settings of the {bundle} bundle (those are: {', '.join(keys)})"
         )
@@ -505,7 +509,7 @@ def export(
         torch.save(state, root / "models" / "model.pt")
         sha = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
         if records_settings:
-            network = recorded_network(root, settings, model)
+            network = recorded_network(root, model)
             network_def = {"_target_": "scripts.networks.GradientRegNet", **network}
             _stamp_config(root / "configs" / "inference.json", {}, network_def)
             _stamp_config(root / "configs" / "train.json", registration_train_settings(network))
