@@ -167,6 +167,11 @@ class GradientRegNet(nn.Module):
     (``warped_fixed(x) = fixed(x + ddf_sym(x))`` on the moving grid).
     """
 
+    # recorded as normalised below (``scripts.settings.records_settings``)
+    settings_as_attributes = (
+        "downsample", "step_range", "input_windows", "input_pixdim", "input_spatial_size", "pseudo_channels",
+    )  # fmt: skip
+
     def __init__(
         self,
         in_channels: int = 3,

@@ -103,16 +103,20 @@ def _set_extra_state(self: torch.nn.Module, state: Any) -> None:
 
 def records_settings(cls: type[torch.nn.Module]) -> type[torch.nn.Module]:
     """Class decorator: the module keeps its constructor arguments (defaults included) as ``settings`` and in its
-    state dict, and refuses weights saved with other model settings."""
+    state dict, and refuses weights saved with other model settings. The arguments the class names in
+    ``settings_as_attributes`` are recorded as the module keeps them (its attribute of the same name: e.g. CT
+    windows as floats), so that equal networks record equal bytes however their arguments were written."""
     init: Callable = cls.__init__
     signature = inspect.signature(init)
+    as_attributes = set(getattr(cls, "settings_as_attributes", ()))
 
     @functools.wraps(init)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         init(self, *args, **kwargs)
-        self.settings = _json_value({k: v for k, v in list(bound.arguments.items())[1:]})
+        arguments = list(bound.arguments.items())[1:]  # after self
+        self.settings = _json_value({k: getattr(self, k) if k in as_attributes else v for k, v in arguments})
 
     cls.__init__ = __init__
     cls.get_extra_state = _get_extra_state
