@@ -74,7 +74,9 @@ class TrainingBatch:
 
 
 def warp_labels_nearest(labels: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
-    """(B, 1, *spatial) integer labels at ``x + ddf(x)``, exactly as ``scripts.metrics.warp_labels``.
+    """(B, 1, *spatial) integer labels at ``x + ddf(x)``, exactly as ``scripts.metrics.warp_labels`` (the evaluator's
+    warp, scipy on the CPU) but in torch on the training device: validation on a GPU picks ``model.pt`` by the
+    reported DSC without moving every field to the CPU.
 
     The evaluator's ``map_coordinates(order=0)``: coordinates in float64, ties rounded up, 0 where a
     coordinate leaves [0, n - 1] on any axis. MONAI's ``Warp`` (``grid_sample``) rounds ties to even
