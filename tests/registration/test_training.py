@@ -314,9 +314,9 @@ def test_train_and_infer_with_predicted_labels_as_input(tiny_preprocessed, tmp_p
     for key in ("training", "validation"):
         for item in listing[key]:
             item["pseudo"] = item.get("label") or stand_in
-    pseudo = Path(tiny_preprocessed).parent / "datalist_pseudo_seg_input.json"
+    pseudo = Path(tiny_preprocessed).parent / "datalist_pseudo_input.json"
     pseudo.write_text(json.dumps(listing))
-    out = tmp_path / "seg_input"
+    out = tmp_path / "pseudo_input"
     proc = _run(pseudo, out, max_epochs=1, pseudo_input="True", crop_size=None, val_at_start="False")
     assert re.search(r"val_mean_dice: 0\.\d+", proc.stdout + proc.stderr)
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
