@@ -195,13 +195,13 @@ class InstanceOptimiser:
         moving: torch.Tensor,
         fixed: torch.Tensor,
         init: torch.Tensor | None = None,
-        moving_seg: torch.Tensor | None = None,
-        fixed_seg: torch.Tensor | None = None,
+        moving_pseudo: torch.Tensor | None = None,
+        fixed_pseudo: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Refined field (1, 3, *spatial) in voxels, ``warped(x) = moving(x + u(x))``.
 
         ``moving``/``fixed``: (1, C, *spatial) images (the network's windowed channels); ``init``: the
-        starting field (1, 3, *spatial) or None for the identity; ``moving_seg``/``fixed_seg``: (1, 1, *spatial)
+        starting field (1, 3, *spatial) or None for the identity; ``moving_pseudo``/``fixed_pseudo``: (1, 1, *spatial)
         predicted label maps, needed when ``dice_weight`` > 0.
         """
         moving, fixed = torch.as_tensor(moving).float(), torch.as_tensor(fixed).float()
@@ -214,7 +214,7 @@ class InstanceOptimiser:
             moving, fixed = self.features(moving), self.features(fixed)  # possibly on a coarser grid
         for spacing, iterations in self.levels:
             if iterations > 0:
-                base = self._refine(moving, fixed, base, spacing, iterations, moving_seg, fixed_seg)
+                base = self._refine(moving, fixed, base, spacing, iterations, moving_pseudo, fixed_pseudo)
         return base
 
     def _refine(
@@ -224,8 +224,8 @@ class InstanceOptimiser:
         base: torch.Tensor,
         grid_spacing: int,
         iterations: int,
-        moving_seg: torch.Tensor | None,
-        fixed_seg: torch.Tensor | None,
+        moving_pseudo: torch.Tensor | None,
+        fixed_pseudo: torch.Tensor | None,
     ) -> torch.Tensor:
         """One level: ``iterations`` Adam steps on a grid ``grid_spacing`` times coarser, added to ``base``."""
         spatial = tuple(base.shape[2:])  # the field's grid (the images may be pooled features)
@@ -241,10 +241,12 @@ class InstanceOptimiser:
             mov_c, fix_c = pool(moving), pool(fixed)
             base_c = pool(base) / scale  # coarse-voxel units
             if with_labels:
-                if moving_seg is None or fixed_seg is None:
+                if moving_pseudo is None or fixed_pseudo is None:
                     raise ValueError("dice_weight > 0 needs the predicted labels of both scans")
-                oh_mov = pool(one_hot_organs(torch.as_tensor(moving_seg).to(fixed.device), self.num_organs))
-                oh_fix = pool(one_hot_organs(torch.as_tensor(fixed_seg).to(fixed.device), self.num_organs))
+                oh_mov = pool(
+                    one_hot_organs(torch.as_tensor(moving_pseudo).to(fixed.device), self.num_organs)
+                )
+                oh_fix = pool(one_hot_organs(torch.as_tensor(fixed_pseudo).to(fixed.device), self.num_organs))
                 # only organs present in both label maps count (as the Learn2Reg DSC): warp just those,
                 # as each warped channel costs as much as the whole image term
                 keep = organ_mask(oh_mov, oh_fix, torch.ones(1, self.num_organs, device=fixed.device))[0] > 0
@@ -295,6 +297,14 @@ class InstanceOptIteration:
         self.start = start
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
 
+    @property
+    def method(self) -> str:
+        """What this iteration runs, the label of its outputs: ``network`` or ``identity``, and
+        ``<start> + instance_opt`` when it refines (`` (pseudo)``: with the Dice term on predicted labels)."""
+        if self.optimiser is None:
+            return self.start
+        return f"{self.start} + instance_opt" + (" (pseudo)" if self.optimiser.uses_labels else "")
+
     def __call__(self, engine: Engine, batch: dict) -> dict:
         t0 = time.perf_counter()
         device = engine.state.device
@@ -316,14 +326,14 @@ class InstanceOptIteration:
                 self._check_labels(batch)
             refined = []
             for b in range(fixed.shape[0]):
-                segs = (
+                pseudo = (
                     [torch.as_tensor(batch[k][b : b + 1]).to(device) for k in self.label_keys]
                     if self.optimiser.uses_labels
                     else [None, None]
                 )
                 refined.append(
                     self.optimiser(
-                        moving[b : b + 1].to(device), fixed[b : b + 1].to(device), ddf[b : b + 1], *segs
+                        moving[b : b + 1].to(device), fixed[b : b + 1].to(device), ddf[b : b + 1], *pseudo
                     )
                 )
             output["pred"] = torch.cat(refined)

@@ -1,8 +1,8 @@
-"""Where the pairs to register come from.
+"""Where the pairs to register come from (``pairs_to_register``, the ``pairs`` of ``inference.json``).
 
 Sources: one pair on the command line, our datalist or a Learn2Reg ``AbdomenCTCT_dataset.json``,
-or the Learn2Reg 2020 pairs CSV. Paths come back absolute, so later stages never depend on the
-working folder.
+or the Learn2Reg 2020 pairs CSV; the predicted labels of the scans from the segmentation bundle's datalist.
+Paths come back absolute, so later stages never depend on the working folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from pathlib import Path
 from scripts.errors import InputError
 from scripts.fields import field_name, pair_tag
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "PSEUDO_KEYS", "load_pairs", "check_pairs", "attach_pseudo_labels"]
+__all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "PSEUDO_KEYS",
+    "pairs_to_register",
+    "load_pairs",
+    "check_pairs",
+    "attach_pseudo_labels",
+]
 
 IMAGE_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
@@ -37,6 +45,26 @@ def _with_labels(pair: dict, root: Path) -> dict:
             guess = out[img].replace("images", "labels")
             out[lab] = guess if os.path.isfile(guess) else None
     return {k: v for k, v in out.items() if v is not None}
+
+
+def pairs_to_register(
+    pairs_file: str | None = None,
+    key: str = "registration_val",
+    data_root: str | None = None,
+    fixed: str | None = None,
+    moving: str | None = None,
+    fixed_label: str | None = None,
+    moving_label: str | None = None,
+    pseudo_datalist: str | None = None,
+    fixed_pseudo: str | None = None,
+    moving_pseudo: str | None = None,
+    short_names: bool = False,
+) -> list[dict]:
+    """The pairs of a run: ``load_pairs`` (one pair or a list), their predicted labels attached
+    (``attach_pseudo_labels``), every file and output name checked before anything runs (``check_pairs``)."""
+    pairs = load_pairs(pairs_file, key, data_root, fixed, moving, fixed_label, moving_label)
+    pairs = attach_pseudo_labels(pairs, pseudo_datalist, fixed_pseudo, moving_pseudo, data_root)
+    return check_pairs(pairs, short_names)
 
 
 def load_pairs(
@@ -134,7 +162,7 @@ def attach_pseudo_labels(
     Dice term reads; the metrics keep reading the true labels).
 
     ``pseudo_datalist``: the segmentation bundle's ``datalist_pseudo.json``; every item with ``image`` and
-    ``pseudo_label`` maps that image (resolved against the list's folder) to its label map, so the
+    ``pseudo`` maps that image (resolved against the list's folder) to its label map, so the
     registration bundle needs nothing of the segmentation bundle but this file. A scan of a pair missing
     from it is an error naming both. ``fixed_pseudo``/``moving_pseudo``: one-pair mode. Keys a pair list
     already carries are kept.
@@ -159,15 +187,15 @@ def attach_pseudo_labels(
     for items in data.values():
         if isinstance(items, list):
             for it in items:
-                if isinstance(it, dict) and it.get("image") and it.get("pseudo_label"):
+                if isinstance(it, dict) and it.get("image") and it.get("pseudo"):
                     image = os.path.realpath(_resolve(it["image"], path.parent))
-                    lookup[image] = _resolve(it["pseudo_label"], path.parent)
+                    lookup[image] = _resolve(it["pseudo"], path.parent)
     for pair in out:
         for img, key in zip(IMAGE_KEYS, PSEUDO_KEYS, strict=True):
             if pair.get(key):
                 continue
             found = lookup.get(os.path.realpath(pair[img]))
             if found is None:
-                raise InputError(f"{path}: no pseudo_label for {img} scan {pair[img]}")
+                raise InputError(f"{path}: no predicted labels (pseudo) for {img} scan {pair[img]}")
             pair[key] = found
     return out
