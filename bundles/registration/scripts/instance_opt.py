@@ -34,7 +34,7 @@ __all__ = [
     "InstanceOptimiser",
     "InstanceOptIteration",
     "MINDFeatures",
-    "smooth_field",
+    "smooth_ddf",
     "diffusion",
     "GridWarp",
 ]
@@ -56,29 +56,29 @@ def smoothing_matrix(n: int, passes: int = 3, device=None) -> torch.Tensor:
     return torch.linalg.matrix_power(box / 3.0, passes)
 
 
-def smooth_field(field: torch.Tensor, passes: int = 3) -> torch.Tensor:
+def smooth_ddf(ddf: torch.Tensor, passes: int = 3) -> torch.Tensor:
     """``passes`` 3x3x3 box filters (stride 1, edges replicated), as ConvexAdam smooths its grid.
 
     The filter is separable and linear, so it is applied as one small matrix per axis: an order of
     magnitude faster (forward + backward) on a CPU than repeated ``avg_pool3d``, whose backward dominated
     an iteration.
     """
-    mats = [smoothing_matrix(n, passes, field.device).to(field.dtype) for n in field.shape[2:]]
-    return apply_smoothing(field, mats)
+    mats = [smoothing_matrix(n, passes, ddf.device).to(ddf.dtype) for n in ddf.shape[2:]]
+    return apply_smoothing(ddf, mats)
 
 
-def apply_smoothing(field: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Apply the per-axis matrices of ``smoothing_matrix`` to a (B, C, D, H, W) field."""
-    field = torch.einsum("id,bcdhw->bcihw", mats[0], field)
-    field = torch.einsum("jh,bcdhw->bcdjw", mats[1], field)
-    return torch.einsum("kw,bcdhw->bcdhk", mats[2], field)
+def apply_smoothing(ddf: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Apply the per-axis matrices of ``smoothing_matrix`` to a (B, C, D, H, W) ddf."""
+    ddf = torch.einsum("id,bcdhw->bcihw", mats[0], ddf)
+    ddf = torch.einsum("jh,bcdhw->bcdjw", mats[1], ddf)
+    return torch.einsum("kw,bcdhw->bcdhk", mats[2], ddf)
 
 
-def diffusion(field: torch.Tensor) -> torch.Tensor:
-    """Sum over axes of the mean squared forward difference of a (B, 3, D, H, W) field (ConvexAdam's
+def diffusion(ddf: torch.Tensor) -> torch.Tensor:
+    """Sum over axes of the mean squared forward difference of a (B, 3, D, H, W) ddf (ConvexAdam's
     regulariser). Not MONAI's ``DiffusionLoss``: its central differences index with lists, whose backward
     cost more than the rest of an iteration on a CPU."""
-    return sum(field.diff(dim=d).pow(2).mean() for d in range(2, field.ndim))
+    return sum(ddf.diff(dim=d).pow(2).mean() for d in range(2, ddf.ndim))
 
 
 class GridWarp:
@@ -198,10 +198,10 @@ class InstanceOptimiser:
         moving_pseudo: torch.Tensor | None = None,
         fixed_pseudo: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Refined field (1, 3, *spatial) in voxels, ``warped(x) = moving(x + u(x))``.
+        """The refined ddf (1, 3, *spatial) in voxels, ``warped(x) = moving(x + ddf(x))``.
 
         ``moving``/``fixed``: (1, C, *spatial) images (the network's windowed channels); ``init``: the
-        starting field (1, 3, *spatial) or None for the identity; ``moving_pseudo``/``fixed_pseudo``: (1, 1, *spatial)
+        starting ddf (1, 3, *spatial) or None for the identity; ``moving_pseudo``/``fixed_pseudo``: (1, 1, *spatial)
         predicted label maps, needed when ``dice_weight`` > 0.
         """
         moving, fixed = torch.as_tensor(moving).float(), torch.as_tensor(fixed).float()
@@ -260,11 +260,11 @@ class InstanceOptimiser:
         with torch.enable_grad():
             for _ in range(iterations):
                 optimiser.zero_grad(set_to_none=True)
-                field = base_c + apply_smoothing(residual, mats)
-                loss = self.sim_weight * self.similarity(warp(mov_c, field), fix_c)
-                loss = loss + self.reg_weight * diffusion(field)
+                ddf = base_c + apply_smoothing(residual, mats)
+                loss = self.sim_weight * self.similarity(warp(mov_c, ddf), fix_c)
+                loss = loss + self.reg_weight * diffusion(ddf)
                 if with_labels:
-                    warped = warp(oh_mov, field, padding_mode="zeros")
+                    warped = warp(oh_mov, ddf, padding_mode="zeros")
                     loss = loss + self.dice_weight * masked_dice_loss(warped, oh_fix, mask, self.dice)
                 loss.backward()
                 optimiser.step()

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.ndimage
 from monai.metrics.utils import get_mask_edges
 
-# The bundle's one organ count (BTCV order, DESIGN section 4); configs pass ``num_organs``/``labels``.
+# The bundle's one organ count (BTCV order: 1 spleen ... 13 left adrenal gland); configs pass ``num_organs``/``labels``.
 NUM_ORGANS = 13
 LABELS: tuple[int, ...] = tuple(range(1, NUM_ORGANS + 1))
 

@@ -155,9 +155,8 @@ class RegistrationWriter:
         self.rows: list[dict] = []
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
-        self._handed: dict[
-            int, set[str]
-        ] = {}  # per pair of the batch, the files already handed to the threads
+        # per pair of the batch (by its index), the files already handed to the threads
+        self._handed: dict[int, set[str]] = {}
 
     def attach(self, engine: Engine) -> None:
         register_pair_events(engine)
@@ -200,90 +199,81 @@ class RegistrationWriter:
 
     def write(self, pair: dict, handed: set[str] | None = None) -> None:
         """Hand the threads each file of ``pair`` whose content exists and that is not in ``handed`` (the names of
-        the files already handed, updated)."""
+        the outputs already handed, updated)."""
         handed = set() if handed is None else handed
-
-        def due(name: str, wanted: bool, *keys: str) -> bool:
-            if not wanted or name in handed or not all(k in pair for k in keys):
-                return False
-            handed.add(name)
-            return True
-
-        pair_dir, affine, shift = self.pair_dir(pair), pair["affine"], pair.get("world_shift")
+        outputs = (  # name, wanted, what it needs (the pair's products or its metrics), its files
+            ("fields", self.write_fields or self.write_itk, ("ddf",), self._field_files),
+            ("warped_image", self.write_images, ("warped_image",), self._warped_image),
+            ("warped_label", self.write_images, ("warped_label",), self._warped_label),
+            ("inverse", True, ("inverse_ddf",), self._inverse_files),
+            # the QC figure's title shows the quality flags: drawn once QualityFlagsd has run
+            ("qc", self.write_qc, ("warped_image", "jacobian_det", "qc_flags"), self._qc_figure),
+        )
         jobs: list[Callable[[], object]] = []
-        forward = {
-            name: due(name, wanted, "ddf")
-            for name, wanted in (("field", self.write_fields), ("itk", self.write_itk))
-        }
-        if any(forward.values()):
-            field = fields.ddf_to_field(pair["ddf"])
-            if forward["field"]:
-                name = fields.field_name(
-                    pair["path_fixed"], pair["path_moving"], self.short_names, self.field_ext
-                )
-                jobs.append(
-                    partial(fields.save_field, self.submission_dir / name, field, self.field_dtype, affine)
-                )
-            if forward["itk"]:
-                itk_path = pair_dir / "itk_displacement.nii.gz"
-                jobs.append(
-                    partial(fields.save_itk_displacement, itk_path, field, affine, shift, self.itk_convention)
-                )
-        if due("warped_image", self.write_images, "warped_image"):
-            warped = np.round(pair["warped_image"].numpy()).astype(np.int16)
-            jobs.append(partial(fields.save_nifti, pair_dir / "warped_image.nii.gz", warped, affine))
-        if due("warped_label", self.write_images, "warped_label"):
-            jobs.append(
-                partial(fields.save_nifti, pair_dir / "warped_label.nii.gz", pair["warped_label"], affine)
-            )
-        if due("inverse", True, "inverse_ddf"):
-            # the inverse lives on the moving scan: the model grid read in its space (shifted back by the centre
-            # alignment's world shift), and maps its points to the fixed scan's
-            inverse = fields.ddf_to_field(pair["inverse_ddf"])
-            moving_affine = affine.copy()
-            if shift is not None:
-                moving_affine[:3, 3] -= shift
-            jobs.append(
-                partial(
-                    fields.save_field,
-                    pair_dir / "disp_inverse.nii.gz",
-                    inverse,
-                    self.field_dtype,
-                    moving_affine,
-                )
-            )
-            if self.write_itk:
-                as_stored = inverse.astype(self.field_dtype).astype(np.float32)
-                back = None if shift is None else -shift
-                itk_path = pair_dir / "itk_inverse_displacement.nii.gz"
-                jobs.append(
-                    partial(
-                        fields.save_itk_displacement,
-                        itk_path,
-                        as_stored,
-                        moving_affine,
-                        back,
-                        self.itk_convention,
-                    )
-                )
-        # the QC figure's title shows the quality flags: drawn once QualityFlagsd has run
-        if "qc_flags" in pair["metrics"] and due("qc", self.write_qc, "warped_image", "jacobian_det"):
-            flags = pair["metrics"]["qc_flags"]
-            title = f"{self.method}: {pair_dir.name}" + (f"\nFLAGGED: {flags}" if flags else "")
-            images = [pair[k].numpy() for k in ("fixed", "moving", "warped_image")]
-            jobs.append(
-                partial(
-                    qc_figure,
-                    *images,
-                    pair["jacobian_det"],
-                    pair_dir / "qc.png",
-                    pair["spacing"],
-                    title=title,
-                )
-            )
+        for name, wanted, needs, files in outputs:
+            if wanted and name not in handed and all(k in pair or k in pair["metrics"] for k in needs):
+                handed.add(name)
+                jobs += files(pair)
         if self._pool is None:  # used outside an engine
             self._pool = self._new_pool()
         self._pending.extend(self._pool.submit(job) for job in jobs)
+
+    def _field_files(self, pair: dict) -> list[Callable[[], object]]:
+        """The Learn2Reg field (the submission) and the ITK displacement transform, from the pair's ddf."""
+        field, affine = fields.ddf_to_field(pair["ddf"]), pair["affine"]
+        jobs = []
+        if self.write_fields:
+            name = fields.field_name(
+                pair["path_fixed"], pair["path_moving"], self.short_names, self.field_ext
+            )
+            jobs.append(
+                partial(fields.save_field, self.submission_dir / name, field, self.field_dtype, affine)
+            )
+        if self.write_itk:
+            path = self.pair_dir(pair) / "itk_displacement.nii.gz"
+            shift = pair.get("world_shift")
+            jobs.append(
+                partial(fields.save_itk_displacement, path, field, affine, shift, self.itk_convention)
+            )
+        return jobs
+
+    def _warped_image(self, pair: dict) -> list[Callable[[], object]]:
+        warped = np.round(pair["warped_image"].numpy()).astype(np.int16)
+        return [
+            partial(fields.save_nifti, self.pair_dir(pair) / "warped_image.nii.gz", warped, pair["affine"])
+        ]
+
+    def _warped_label(self, pair: dict) -> list[Callable[[], object]]:
+        path = self.pair_dir(pair) / "warped_label.nii.gz"
+        return [partial(fields.save_nifti, path, pair["warped_label"], pair["affine"])]
+
+    def _inverse_files(self, pair: dict) -> list[Callable[[], object]]:
+        """The inverse field and its ITK transform. The inverse lives on the moving scan: the model grid read in its
+        space (shifted back by the centre alignment's world shift), and maps its points to the fixed scan's."""
+        inverse, shift = fields.ddf_to_field(pair["inverse_ddf"]), pair.get("world_shift")
+        moving_affine = pair["affine"].copy()
+        if shift is not None:
+            moving_affine[:3, 3] -= shift
+        pair_dir = self.pair_dir(pair)
+        path = pair_dir / "disp_inverse.nii.gz"
+        jobs = [partial(fields.save_field, path, inverse, self.field_dtype, moving_affine)]
+        if self.write_itk:
+            as_stored = inverse.astype(self.field_dtype).astype(np.float32)
+            back = None if shift is None else -shift
+            path = pair_dir / "itk_inverse_displacement.nii.gz"
+            jobs.append(
+                partial(
+                    fields.save_itk_displacement, path, as_stored, moving_affine, back, self.itk_convention
+                )
+            )
+        return jobs
+
+    def _qc_figure(self, pair: dict) -> list[Callable[[], object]]:
+        pair_dir, flags = self.pair_dir(pair), pair["metrics"]["qc_flags"]
+        title = f"{self.method}: {pair_dir.name}" + (f"\nFLAGGED: {flags}" if flags else "")
+        images = [pair[k].numpy() for k in ("fixed", "moving", "warped_image")]
+        path = pair_dir / "qc.png"
+        return [partial(qc_figure, *images, pair["jacobian_det"], path, pair["spacing"], title=title)]
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, []
