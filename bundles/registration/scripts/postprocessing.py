@@ -126,9 +126,8 @@ class PairPostprocessing:
             }
             pair.update({key: _plain(batch[key][b, 0]) for key in LABEL.values() if key in batch})
             row: dict = {"fixed": pair["path_fixed"], "moving": pair["path_moving"]}
-            if (
-                shift is not None
-            ):  # one-pair mode: the translation that put the moving scan on the fixed one first
+            # one-pair mode: the translation that put the moving scan on the fixed one first
+            if shift is not None:
                 pair["world_shift"] = np.asarray(shift[b], np.float64)
                 pair["alignment"] = str(batch.get("alignment", ["?"] * (b + 1))[b])
                 row["world_shift_mm"] = [round(float(v), 3) for v in pair["world_shift"]]
