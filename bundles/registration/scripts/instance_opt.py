@@ -34,7 +34,6 @@ __all__ = [
     "InstanceOptimiser",
     "InstanceOptIteration",
     "MINDFeatures",
-    "smooth_ddf",
     "diffusion",
     "GridWarp",
 ]
@@ -56,19 +55,14 @@ def smoothing_matrix(n: int, passes: int = 3, device=None) -> torch.Tensor:
     return torch.linalg.matrix_power(box / 3.0, passes)
 
 
-def smooth_ddf(ddf: torch.Tensor, passes: int = 3) -> torch.Tensor:
-    """``passes`` 3x3x3 box filters (stride 1, edges replicated), as ConvexAdam smooths its grid.
+def apply_smoothing(ddf: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Repeated 3x3x3 box filters (stride 1, edges replicated), as ConvexAdam smooths its grid: the per-axis
+    matrices of ``smoothing_matrix`` applied to a (B, C, D, H, W) ddf.
 
     The filter is separable and linear, so it is applied as one small matrix per axis: an order of
     magnitude faster (forward + backward) on a CPU than repeated ``avg_pool3d``, whose backward dominated
     an iteration.
     """
-    mats = [smoothing_matrix(n, passes, ddf.device).to(ddf.dtype) for n in ddf.shape[2:]]
-    return apply_smoothing(ddf, mats)
-
-
-def apply_smoothing(ddf: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Apply the per-axis matrices of ``smoothing_matrix`` to a (B, C, D, H, W) ddf."""
     ddf = torch.einsum("id,bcdhw->bcihw", mats[0], ddf)
     ddf = torch.einsum("jh,bcdhw->bcdjw", mats[1], ddf)
     return torch.einsum("kw,bcdhw->bcdhk", mats[2], ddf)

@@ -80,8 +80,8 @@ def prepare_run_folder(
             )
     elif not manifest.exists() and not overwrite and any(p.exists() for p in [*folders, *files]):
         raise InputError(
-            f"{out} holds registration results that no {RUN_FILE} describes (an earlier version's, or another "
-            "tool's): pass another --output_dir, or --overwrite True to replace them"
+            f"{out} holds registration results that no {RUN_FILE} describes (another tool's?): pass another "
+            "--output_dir, or --overwrite True to replace them"
         )
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
