@@ -230,6 +230,19 @@ def test_inference_docs_list_the_written_files(shifted_run):
         assert (shifted_run / real).is_file(), f"docs list {path}, inference wrote no {real}"
 
 
+def test_output_switches_as_the_command_line_passes_them():
+    """``--write_inverse false`` (text: MONAI's command line passes it so) drops the inverse steps, and the timing
+    handler is there only with ``--benchmark True``."""
+    import_bundle_module("registration", "scripts.postprocessing")
+    for value, inverse in (("false", False), (False, False), ("True", True), (True, True)):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "inference.json"))
+        parser.update({"bundle_root": str(ROOT), "write_inverse": value, "benchmark": value})
+        steps = [type(t).__name__ for t in parser.get_parsed_content("postprocessing").transforms]
+        assert ("InverseDdfd" in steps and "InverseConsistencyd" in steps) == inverse, (value, steps)
+        assert (parser.get_parsed_content("pair_handlers#0") is not None) == inverse, value
+
+
 # ---------------------------------------------------------------------------------------------
 # raw pairs: centre alignment from the original geometry
 # ---------------------------------------------------------------------------------------------
