@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import scipy.ndimage as ndi
+import torch
 
 from tests.bundle_import import import_bundle_module, run_bundle
 
@@ -27,7 +28,7 @@ def test_convex_adam_field_direction():
     inner = (slice(8, -8),) * 3
     mean = field[inner].reshape(-1, 3).mean(axis=0)
     assert 2.5 < mean[0] < 3.5 and abs(mean[1]) < 0.3 and abs(mean[2]) < 0.3, mean
-    warped = F.warp_array(moving, field, order=1, cval=0.0)
+    warped = F.warp_image(torch.as_tensor(moving), F.field_to_ddf(field), cval=0.0).numpy()
     assert np.abs(warped - fixed)[inner].mean() < 0.5 * np.abs(moving - fixed)[inner].mean()
 
 
@@ -35,7 +36,7 @@ def test_convex_adam_config_end_to_end(tiny_preprocessed, tmp_path):
     out = tmp_path / "convexadam"
     run_bundle(
         "registration",
-        ["inference.json", "convexadam_baseline.json"],
+        ["inference.json", "evaluate.json", "convexadam_baseline.json"],
         {"datalist": str(tiny_preprocessed), "output_dir": str(out), "convexadam": FAST},
     )
     data = json.loads((out / "metrics.json").read_text())

@@ -195,10 +195,10 @@ def test_known_shift_from_a_field_folder(shift_pair, shifted_run, tmp_path):
     """the same shift read from a folder of Learn2Reg fields is scored the same."""
     fields = tmp_path / "fields"
     shape = nib.load(shift_pair / "images/ShiftCT_0001_0000.nii.gz").shape
-    F.save_l2r_field(fields / f"disp_{TAG}.npz", np.broadcast_to(SHIFT, (*shape, 3)).astype(np.float32))
+    F.save_field(fields / f"disp_{TAG}.npz", np.broadcast_to(SHIFT, (*shape, 3)).astype(np.float32))
     out = tmp_path / "scored"
     run_configs(
-        ["inference.json", "evaluate.json"],
+        ["inference.json", "evaluate.json", "field_folder.json"],
         {
             "pairs_file": str(shift_pair / "pairs.json"),
             "pairs_key": "registration_test",
@@ -228,6 +228,19 @@ def test_inference_docs_list_the_written_files(shifted_run):
     for path in documented:
         real = path.replace("<tag>", TAG).replace("FFFF_0000_MMMM_0000", TAG)
         assert (shifted_run / real).is_file(), f"docs list {path}, inference wrote no {real}"
+
+
+def test_output_switches_as_the_command_line_passes_them():
+    """``--write_inverse false`` (text: MONAI's command line passes it so) drops the inverse steps, and the timing
+    handler is there only with ``--benchmark True``."""
+    import_bundle_module("registration", "scripts.postprocessing")
+    for value, inverse in (("false", False), (False, False), ("True", True), (True, True)):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "inference.json"))
+        parser.update({"bundle_root": str(ROOT), "write_inverse": value, "benchmark": value})
+        steps = [type(t).__name__ for t in parser.get_parsed_content("postprocessing").transforms]
+        assert ("InverseDdfd" in steps and "InverseConsistencyd" in steps) == inverse, (value, steps)
+        assert (parser.get_parsed_content("pair_handlers#0") is not None) == inverse, value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +641,7 @@ def test_model_selection_dice_is_the_evaluation_dice(tiny_preprocessed):
         ours = training.pair_dice(
             torch.as_tensor(moving)[None, None], torch.as_tensor(fixed)[None, None], ddf[None], M.LABELS
         )[0]
-        reported = M.organ_dice(fixed, moving, M.warp_labels(moving, F.ddf_to_l2r(ddf)), M.LABELS)
+        reported = M.organ_dice(fixed, moving, M.warp_labels(moving, ddf), M.LABELS)
         np.testing.assert_array_equal(ours.numpy(), np.asarray(reported, np.float32))
 
 
@@ -641,7 +654,7 @@ from monai.bundle import ConfigParser
 root, pairs, out, registration = sys.argv[1:5]
 for run in ("a", "b"):
     parser = ConfigParser()
-    parser.read_config([f"{root}/configs/inference.json", f"{root}/configs/syn_baseline.json"])
+    parser.read_config([f"{root}/configs/{c}.json" for c in ("inference", "evaluate", "syn_baseline")])
     parser.update({"bundle_root": root, "datalist": pairs, "output_dir": f"{out}/{run}", "write_qc": False})
     parser["syn_registration"] = json.loads(registration)
     parser.get_parsed_content("run")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from monai.networks.blocks import Warp
+from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 
 from tests.bundle_import import import_bundle_module
@@ -37,6 +38,19 @@ def blob(centre=(13, 12, 18)) -> np.ndarray:
     return np.exp(-(((g - c) ** 2) / np.array([20.0, 30.0, 40.0])[:, None, None, None]).sum(0)) * 1000 - 500
 
 
+def scipy_warp(moving: np.ndarray, field: np.ndarray, cval: float) -> np.ndarray:
+    """Linear ``moving(x + u(x))`` with scipy ``map_coordinates`` and a Learn2Reg field (the evaluator's convention)."""
+    coords = np.indices(moving.shape, dtype=np.float64) + np.moveaxis(np.asarray(field, np.float64), -1, 0)
+    return map_coordinates(moving.astype(np.float32), coords, order=1, mode="constant", cval=cval)
+
+
+def warp(moving: np.ndarray, field: np.ndarray, cval: float = -500.0) -> np.ndarray:
+    """The product's image warp (``fields.warp_image``) of a numpy image by a Learn2Reg field."""
+    return F.warp_image(
+        torch.as_tensor(moving, dtype=torch.float32), F.field_to_ddf(field), cval=cval
+    ).numpy()
+
+
 def ants_warp(image: np.ndarray, transform, aff: np.ndarray) -> np.ndarray:
     """``image`` (on the grid ``aff``) warped by antsApplyTransforms with the ITK transform file ``transform``."""
     return ants.apply_transforms(
@@ -61,12 +75,14 @@ def test_names_and_lookup(tmp_path):
 
 def test_roundtrip_formats(tmp_path):
     ddf = torch.randn(1, 3, 6, 5, 4)
-    field = F.ddf_to_l2r(ddf)
+    field = F.ddf_to_field(ddf)
     assert field.shape == (6, 5, 4, 3)
-    torch.testing.assert_close(F.l2r_to_ddf(field), ddf[0])
+    torch.testing.assert_close(F.field_to_ddf(field), ddf[0])
+    # the ddf every output is computed from is the written field, rounded as its file stores it
+    np.testing.assert_array_equal(F.ddf_to_field(F.as_written(ddf[0])), field.astype(np.float16))
     for name in ("disp.nii.gz", "disp.npz"):
-        F.save_l2r_field(tmp_path / name, field, dtype="float16")
-        back = F.load_l2r_field(tmp_path / name)
+        F.save_field(tmp_path / name, field, dtype="float16")
+        back = F.load_field(tmp_path / name)
         np.testing.assert_allclose(back, field.astype(np.float16).astype(np.float64), rtol=0, atol=0)
     with np.load(tmp_path / "disp.npz") as z:
         assert z.files == ["arr_0"] and z["arr_0"].dtype == np.float16
@@ -90,15 +106,17 @@ def test_gzipped_nifti_is_the_file_nibabel_writes(tmp_path):
 
 
 def test_monai_warp_matches_l2r_convention():
-    """MONAI ``Warp`` with the ddf and scipy map_coordinates with the L2R field give the same image."""
+    """MONAI ``Warp`` with the ddf (and the product's image warp) and scipy map_coordinates with the L2R field give
+    the same image."""
     moving = blob()
     field = np.zeros((*SHAPE, 3), np.float32)
     field[..., 0], field[..., 2] = 2.0, -1.5
-    ours = F.warp_array(moving, field, order=1, cval=-500)
+    ours = scipy_warp(moving, field, cval=-500)
     mon = Warp(mode="bilinear", padding_mode="border")(
-        torch.from_numpy(moving[None, None].astype(np.float32)), F.l2r_to_ddf(field)[None]
+        torch.from_numpy(moving[None, None].astype(np.float32)), F.field_to_ddf(field)[None]
     )[0, 0].numpy()
     np.testing.assert_allclose(mon[INNER], ours[INNER], atol=1e-2)
+    np.testing.assert_allclose(warp(moving, field)[INNER], ours[INNER], atol=1e-2)
 
 
 @pytest.mark.parametrize("convention", ["ants", "nifti"])
@@ -107,7 +125,7 @@ def test_known_translation_both_formats(tmp_path, convention):
     moving = blob()
     field = np.zeros((*SHAPE, 3))
     field[..., 0] = 2.0  # warped(x) = moving(x + 2 e0): the blob moves by -2 voxels along axis 0
-    warped = F.warp_array(moving, field, order=1, cval=-500)
+    warped = warp(moving, field)
     assert np.unravel_index(np.argmax(warped), SHAPE) == (11, 12, 18)
 
     path = F.save_itk_displacement(tmp_path / "tx.nii.gz", field, aff, convention=convention)
@@ -144,8 +162,8 @@ def test_known_affine_both_formats(tmp_path):
     field = ((rot @ grid + t[:, None]) - grid).T.reshape(*SHAPE, 3)
     inv = np.linalg.inv(rot)
     inv_field = ((inv @ (grid - t[:, None])) - grid).T.reshape(*SHAPE, 3)
-    moving = F.warp_array(fixed, inv_field, order=1, cval=-500)  # moving(y) = fixed(R^-1 (y - t))
-    warped = F.warp_array(moving, field, order=1, cval=-500)
+    moving = warp(fixed, inv_field)  # moving(y) = fixed(R^-1 (y - t))
+    warped = warp(moving, field)
     inner = (slice(7, -7),) * 3
     assert np.corrcoef(warped[inner].ravel(), fixed[inner].ravel())[0, 1] > 0.995
 
@@ -176,17 +194,17 @@ def smooth_field(shape=SHAPE, amplitude=2.5) -> np.ndarray:
 def test_inverse_of_a_known_smooth_deformation(grid):
     """forward then inverse lands where it started: within 0.05 voxels inside the volume on the field's own grid,
     0.2 voxels when inverted on the half-resolution grid the writer uses."""
-    field = smooth_field()
-    inverse = F.invert_field(field, grid=grid, iterations=20)
-    residual = F.inverse_residual(F.l2r_to_ddf(field)[None], F.l2r_to_ddf(inverse)[None])[0]
+    ddf = F.field_to_ddf(smooth_field())[None]
+    inverse = F.invert_ddf(ddf, grid=grid, iterations=20)
+    residual = F.inverse_residual(ddf, inverse)[0]
     norm = residual.norm(dim=0).numpy()[INNER]
     assert norm.mean() < (0.05 if grid == 1 else 0.2) and norm.max() < (0.2 if grid == 1 else 0.6), (
         norm.mean(),
         norm.max(),
     )
     # and the other way round: the inverse's inverse is the forward field
-    back = F.invert_field(inverse, grid=1, iterations=20)
-    assert np.abs(back - field)[INNER].max() < (0.2 if grid == 1 else 0.6)
+    back = F.invert_ddf(inverse, grid=1, iterations=20)
+    assert (back - ddf)[0][(slice(None), *INNER)].abs().max() < (0.2 if grid == 1 else 0.6)
 
 
 def test_ants_applies_the_inverse_itk_transform_as_our_inverse_warp(tmp_path):
@@ -195,13 +213,13 @@ def test_ants_applies_the_inverse_itk_transform_as_our_inverse_warp(tmp_path):
     aff = oblique_affine()
     fixed = blob()
     field = smooth_field()
-    inverse = F.invert_field(field, grid=1, iterations=20)
-    ours = F.warp_array(fixed, inverse, order=1, cval=-500)  # warped_fixed(y) = fixed(y + v(y))
+    inverse = F.ddf_to_field(F.invert_ddf(F.field_to_ddf(field)[None], grid=1, iterations=20))
+    ours = warp(fixed, inverse)  # warped_fixed(y) = fixed(y + v(y))
     path = F.save_itk_displacement(tmp_path / "inverse.nii.gz", inverse, aff)
     out = ants_warp(fixed, path, aff)
     np.testing.assert_allclose(out[INNER], ours[INNER], atol=0.5)
     # and the moving scan (the fixed scan deformed by the inverse) registered back by the forward field
     moving = ours
-    warped = F.warp_array(moving, field, order=1, cval=-500)
+    warped = warp(moving, field)
     inner = (slice(6, -6),) * 3
     assert np.abs(warped - fixed)[inner].mean() < 0.05 * np.abs(fixed - fixed.mean())[inner].mean() + 1.0

@@ -66,13 +66,11 @@ def test_evaluate_model_and_field_folder(tiny_preprocessed, standin, tmp_path):
     # the same config scores a folder of fields from any method: zero fields -> the same numbers
     zero_dir = tmp_path / "zero_fields"
     for f in fields:
-        F.save_l2r_field(
-            zero_dir / f.name.replace(".nii.gz", ".npz"), np.zeros(nib.load(f).shape, np.float32)
-        )
+        F.save_field(zero_dir / f.name.replace(".nii.gz", ".npz"), np.zeros(nib.load(f).shape, np.float32))
     scored = tmp_path / "scored"
     run_bundle(
         "registration",
-        configs("evaluate.json", standin),
+        ["inference.json", "evaluate.json", "field_folder.json", str(standin)],
         {"datalist": str(tiny_preprocessed), "output_dir": str(scored), "field_dir": str(zero_dir)},
     )
     again = json.loads((scored / "metrics.json").read_text())

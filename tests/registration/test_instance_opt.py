@@ -136,6 +136,16 @@ def test_switch_off_gives_exactly_the_network_field():
     assert torch.count_nonzero(identity) == 0
 
 
+def test_a_run_is_labelled_by_what_it_ran():
+    """The outputs' ``method`` (metrics.json, run.json, QC titles) names the start and the refinement."""
+    optimiser = IO.InstanceOptimiser(iterations=1)
+    assert IO.InstanceOptIteration(optimiser, enabled=False).method == "network"
+    assert IO.InstanceOptIteration(optimiser).method == "network + instance_opt"
+    assert IO.InstanceOptIteration(None, start="identity").method == "identity"
+    with_labels = IO.InstanceOptimiser(dice_weight=1.0)
+    assert IO.InstanceOptIteration(with_labels, start="identity").method == "identity + instance_opt (pseudo)"
+
+
 def test_pseudo_labels_come_from_the_segmentation_datalist(tmp_path):
     (tmp_path / "pre" / "l2r" / "images").mkdir(parents=True)
     (tmp_path / "seg" / "l2r" / "pseudo_labels").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""Learn2Reg metrics on hand-computed cases (identity, known shift, fold) and their outputs."""
+"""Learn2Reg metrics on hand-computed cases (identity, known shift, fold) and their outputs. The metrics read the
+ddf (3, D, H, W), the evaluator's own layout; the fields here are built as Learn2Reg fields (D, H, W, 3)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from tests.bundle_import import import_bundle_module
 
 M = import_bundle_module("registration", "scripts.metrics")
+FILES = import_bundle_module("registration", "scripts.metric_files")
 
 SHAPE = (24, 20, 28)
 
@@ -25,7 +27,7 @@ def _labels(shape=SHAPE) -> np.ndarray:
 
 def test_identity_field():
     fixed, moving = _labels(), np.roll(_labels(), 1, axis=2)
-    out = M.pair_metrics(np.zeros((*SHAPE, 3)), fixed, moving, spacing_mm=(2.0, 2.0, 2.0))
+    out = M.pair_metrics(np.zeros((3, *SHAPE)), fixed, moving, spacing_mm=(2.0, 2.0, 2.0))
     # identity: the warped labels are the moving labels, so DSC is the unregistered DSC
     expected = np.mean([M.dice(fixed == lab, moving == lab) for lab in (1, 2, 6)])
     assert out["dice"] == pytest.approx(expected) == pytest.approx(out["dice_initial"])
@@ -39,31 +41,31 @@ def test_known_integer_shift_is_recovered():
     fixed = _labels()
     moving = np.zeros_like(fixed)
     moving[3:] = fixed[:-3]  # moving(x + 3 e0) = fixed(x)
-    field = np.zeros((*SHAPE, 3))
-    field[..., 0] = 3.0
-    warped = M.warp_labels(moving, field)
+    ddf = np.zeros((3, *SHAPE))
+    ddf[0] = 3.0
+    warped = M.warp_labels(moving, ddf)
     np.testing.assert_array_equal(warped[:-3], fixed[:-3])
-    out = M.pair_metrics(field, fixed, moving)
+    out = M.pair_metrics(ddf, fixed, moving)
     assert out["dice"] == 1.0 and out["hd95"] == 0.0
     assert out["dice_initial"] < 0.7
-    wrong = M.pair_metrics(-field, fixed, moving)  # the opposite direction is clearly worse
+    wrong = M.pair_metrics(-ddf, fixed, moving)  # the opposite direction is clearly worse
     assert wrong["dice"] < out["dice_initial"]
 
 
 def test_fold_detected():
-    field = np.zeros((*SHAPE, 3))
+    ddf = np.zeros((3, *SHAPE))
     x = np.arange(SHAPE[0], dtype=float)
-    field[8:16, :, :, 0] = (-2.5 * (x[8:16] - 12))[:, None, None]  # d(x + u)/dx = -1.5 < 0
-    stats = M.jacobian_stats(field)
+    ddf[0, 8:16] = (-2.5 * (x[8:16] - 12))[:, None, None]  # d(x + u)/dx = -1.5 < 0
+    stats = M.jacobian_stats(ddf)
     assert stats["fold_fraction"] > 0 and stats["num_foldings"] > 0
     assert np.isfinite(stats["sdlogj"]) and stats["sdlogj"] > 0
 
 
 def test_jacobian_of_affine_field():
     # u(x) = (a - 1) x along axis 0 -> det = a inside the 2-voxel-cropped border
-    field = np.zeros((*SHAPE, 3))
-    field[..., 0] = 0.2 * np.arange(SHAPE[0])[:, None, None]
-    det = M.jacobian_determinant(field)
+    ddf = np.zeros((3, *SHAPE))
+    ddf[0] = 0.2 * np.arange(SHAPE[0])[:, None, None]
+    det = M.jacobian_determinant(ddf)
     assert det.shape == tuple(s - 4 for s in SHAPE)
     np.testing.assert_allclose(det, 1.2)
 
@@ -117,7 +119,7 @@ def test_pair_metrics_match_the_official_evaluator_on_nonzero_fields(seed, ampli
     moving = np.roll(_labels(), (2, -1, 3), axis=(0, 1, 2))
     disp = _smooth_field(seed, amplitude)
     disp[..., 0] += 2.0  # plus a shift that undoes part of the roll
-    ours = M.pair_metrics(disp, fixed, moving, labels=(1, 2, 3, 6), spacing_mm=spacing)
+    ours = M.pair_metrics(np.moveaxis(disp, -1, 0), fixed, moving, labels=(1, 2, 3, 6), spacing_mm=spacing)
     ref = _official(fixed, moving, disp, (1, 2, 3, 6), spacing)
     assert any(v > 0 for k, v in ref.items() if k.startswith("hd95_") and not math.isnan(v))  # non-trivial
     for key, value in ref.items():
@@ -136,7 +138,7 @@ def test_aggregate_and_atomic_outputs(tmp_path):
         {"fixed": "f", "moving": f"m{i}", "dice": d, "hd95": h, "sdlogj": s}
         for i, (d, h, s) in enumerate([(0.2, 10.0, 0.1), (0.4, 8.0, 0.2), (0.6, 6.0, 0.3), (0.8, 4.0, 0.4)])
     ]
-    data = M.write_results(tmp_path, rows)
+    data = FILES.write_results(tmp_path, rows)
     s = data["summary"]
     assert s["dice"] == pytest.approx(0.5) and s["dice30"] == pytest.approx(
         np.quantile([0.2, 0.4, 0.6, 0.8], 0.3)

@@ -79,8 +79,9 @@ def test_known_pair_moves_the_fixed_scan_by_the_saved_field(tmp_path):
 
 
 def test_row_folder_is_one_path_name():
-    # "60 it at 1/4" once made rows/identity+io (60 it at 1/4, ... nest three folders deep
+    # "60 it at 1/4" once made rows/identity + instance_opt (60 it at 1/4, ... nest three folders deep
     from abdoreg.bench_infer import Row
 
-    name = Row("identity+io (60 it at 1/4, 20 at 1/2: the default)").folder
-    assert "/" not in name and " " not in name and name.endswith("_full") and name.startswith("identity+io")
+    name = Row("identity + instance_opt (60 it at 1/4, 20 at 1/2: the default)").folder
+    assert "/" not in name and " " not in name and name.endswith("_full")
+    assert name.startswith("identity_+_instance_opt")

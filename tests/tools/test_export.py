@@ -20,7 +20,7 @@ from abdoreg.export import ExportError, export
 from tests.bundle_import import REPO, bundle_dir, import_bundle_module, metadata_schema
 
 networks = import_bundle_module("registration", "scripts.networks")
-metrics = import_bundle_module("registration", "scripts.metrics")
+metrics = import_bundle_module("registration", "scripts.metric_files")
 pretrained = import_bundle_module("registration", "scripts.pretrained")
 
 NAME, VERSION = "abdominal_ct_registration", "0.4.0"

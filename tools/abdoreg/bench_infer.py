@@ -1,14 +1,14 @@
 """Inference benchmark: time and peak memory per full-size pair for every way the registration bundle
-makes a field (paper-size network, default network, default + test-time optimisation, ANTs SyN,
+makes a field (paper-size network, default network, default + instance optimisation, ANTs SyN,
 ConvexAdam), and how the default grows with the volume.
 
 Each row is one ``python -m monai.bundle run`` of the registration bundle's configs in a subprocess,
 as a user runs it, on synthetic Learn2Reg-like subjects (``abdoreg synth``; made once under
 ``--out``). The process's wall time and peak resident memory come from ``os.wait4`` (the largest
 of the process and its children); the per-pair split (loading, field = network forward with its
-integration and upsampling or the classical method, warping, metrics, writing) and the peak memory
-at each pair come from the ``time_*`` / ``peak_rss_gb`` / ``gpu_peak_gb`` columns the bundle's
-writer puts in ``metrics.json``. Each row's last pair is a known deformation (the fixed subject warped by a
+integration and upsampling or the classical method, warping, metrics, inverse, waiting for the files) and the
+peak memory at each pair come from the ``time_*`` / ``peak_rss_gb`` / ``gpu_peak_gb`` columns that the bundle's
+timing handler (``--benchmark True``, switched on here) adds to ``metrics.json``. Each row's last pair is a known deformation (the fixed subject warped by a
 smooth field of up to ``KNOWN_AMPLITUDE_MM``, made once): its field error (the distance from the true
 displacement, mean and 95th percentile inside the fixed scan's organs) and Dice are reported apart, and the
 other columns' medians leave it out. Nothing of the bundle is imported here.
@@ -41,6 +41,8 @@ BUNDLE = BUNDLES / "registration"
 KNOWN_ID = 99  # subject id of the known-deformation moving scan (AbdomenCTCT_0099_0000)
 KNOWN_AMPLITUDE_MM = 14.0  # largest true displacement, as the real-CT check in the docs
 PHASES = ("time_load_s", "time_field_s", "time_warp_s", "time_inverse_s", "time_metrics_s", "time_write_s")
+# the bundle's switch of its timing handler (scripts.pair_timer.PairTimer)
+BENCHMARK = {"benchmark": True}
 
 
 @dataclass
@@ -193,12 +195,13 @@ def field_error(out_dir: Path, pair: dict) -> dict:
 
 
 def run_row(row: Row, pairs_file: Path, out: Path, threads: int | None, extra: dict) -> dict:
-    """Run one row's bundle command; wall time, peak memory and the writer's per-pair rows."""
+    """Run one row's bundle command; wall time, peak memory and the per-pair rows of its timing handler."""
     out_dir = out / "rows" / row.folder
     overrides = {
         "pairs_file": str(pairs_file),
         "pairs_key": "registration_val",
         "output_dir": str(out_dir),
+        **BENCHMARK,
         **extra,
         **row.overrides,
     }
@@ -240,7 +243,7 @@ def _median(cases: list[dict], key: str) -> float | None:
 
 
 def summarise(row: Row, wall: float, cpu: float, peak_gb: float, cases: list[dict]) -> dict:
-    """Per-pair medians of the writer's timings (the first pair pays one-off set-up: reported apart)."""
+    """Per-pair medians of the bundle's timings (the first pair pays one-off set-up: reported apart)."""
     steady = cases[1:] if len(cases) > 1 else cases
     per_pair = {k: _median(steady, k) for k in (*PHASES, "time_pair_s", "cpu_pair_s")}
     return {
@@ -264,16 +267,17 @@ def summarise(row: Row, wall: float, cpu: float, peak_gb: float, cases: list[dic
 
 
 def network(**settings) -> dict:
-    """Overrides of inference.json that build an untrained network with ``settings`` (without a checkpoint
-    inference.json builds ``GradientRegNet`` with the arguments of ``network_def``); by default train.json's."""
-    train = json.loads((BUNDLE / "configs" / "train.json").read_text())
-    wanted = {k: train[k] for k in ("channel_multiplier", "downsample", "head_type")} | settings
-    return {f"network_def#{k}": v for k, v in wanted.items()}
+    """Overrides of inference.json that build an untrained network with ``settings`` instead of its defaults
+    (without a checkpoint inference.json builds ``GradientRegNet`` with the arguments of ``network_def``: the
+    recommended network, unless overridden)."""
+    return {f"network_def#{k}": v for k, v in settings.items()}
 
 
+# the paper's network: channel multiplier 8, the field at full resolution, gradient heads
+PAPER = {"channel_multiplier": 8, "downsample": 1, "head_type": "gradient"}
 METHODS = ("reference", "default", "syn", "convexadam")
-# the second instance-optimisation row of --tto: one half-resolution level, the schedule before the coarse-to-fine
-# default (60 steps at 1/4, then 20 at 1/2)
+# the second instance-optimisation row of --instance_opt: one half-resolution level, the schedule before the
+# coarse-to-fine default (60 steps at 1/4, then 20 at 1/2)
 SINGLE_LEVEL = {"instance_optimiser#grid_spacing": 2, "instance_optimiser#iterations": 80}
 
 
@@ -296,28 +300,26 @@ def check_arguments(
 
 
 def rows_for(
-    methods: list[str], sizes: list[str], tto: bool, main: str = "full", trained: bool = False
+    methods: list[str], sizes: list[str], instance_opt: bool, main: str = "full", trained: bool = False
 ) -> list[Row]:
-    """The benchmark's rows: every method at the ``main`` size (with ``tto`` instance optimisation with the
-    bundle's coarse-to-fine schedule and with one half-resolution level, from the network when ``trained`` else
-    from the identity), then
-    the default (and reference) at the other sizes."""
+    """The benchmark's rows: every method at the ``main`` size (with ``instance_opt`` instance optimisation with
+    the bundle's coarse-to-fine schedule and with one half-resolution level, from the network when ``trained``
+    else from the identity), then the default (and reference) at the other sizes."""
+    baseline = ["evaluate.json"]  # the classical methods are mixins of evaluate.json
     catalogue = {
-        "reference": Row("reference", main, overrides=network(channel_multiplier=8, downsample=1)),
-        "default": Row("default", main, overrides=network()),
-        "syn": Row("ants_syn", main, configs=["syn_baseline.json"]),
-        "convexadam": Row("convexadam", main, configs=["convexadam_baseline.json"]),
+        "reference": Row("reference", main, overrides=network(**PAPER)),
+        "default": Row("default", main),
+        "syn": Row("ants_syn", main, configs=[*baseline, "syn_baseline.json"]),
+        "convexadam": Row("convexadam", main, configs=[*baseline, "convexadam_baseline.json"]),
     }
     rows = [catalogue[m] for m in methods]
-    if tto:
-        if "instance_opt" not in json.loads((BUNDLE / "configs" / "inference.json").read_text()):
-            raise ValueError("--tto: this bundle's inference.json has no instance_opt switch yet")
+    if instance_opt:
         at = methods.index("default") + 1 if "default" in methods else 0
         start = "default" if trained else "identity"  # untrained weights make no start worth refining
-        io = {**network(), "instance_opt": True, "instance_opt_start": "network" if trained else "identity"}
+        io = {"instance_opt": True, "instance_opt_start": "network" if trained else "identity"}
         rows[at:at] = [
-            Row(f"{start}+io (60 it at 1/4, 20 at 1/2: the default)", main, overrides=io),
-            Row(f"{start}+io (80 it at 1/2)", main, overrides={**io, **SINGLE_LEVEL}),
+            Row(f"{start} + instance_opt (60 it at 1/4, 20 at 1/2: the default)", main, overrides=io),
+            Row(f"{start} + instance_opt (80 it at 1/2)", main, overrides={**io, **SINGLE_LEVEL}),
         ]
     for size in sizes:
         if size == main:
@@ -336,7 +338,7 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
     ref = full.get("reference", {}).get("per_pair", {}).get("time_pair_s")
     syn = full.get("ants_syn", {}).get("per_pair", {}).get("time_pair_s")
     head = (
-        "| method | grid | s / pair | CPU s / pair | load | field | warp | inverse | metrics | write (bg) | first pair | startup "
+        "| method | grid | s / pair | CPU s / pair | load | field | warp | inverse | metrics | write | first pair | startup "
         "| peak RSS GB | GPU GB | Dice (initial) | known: Dice | known: field error mm (p95) "
         "| x faster than reference | x faster than SyN |"
     )
@@ -364,8 +366,9 @@ def table(results: list[dict], info: dict, main: str = "full") -> str:
     lines.append(
         f"{info['cpu']}, {info['cores']} cores, OMP_NUM_THREADS={info['omp_num_threads']}, "
         f"load average before {load} / after {info.get('load_after')}; {info['date']}. "
-        "s / pair: median over the pairs after the first (load + field + warp + metrics; the files are "
-        "written by the bundle's write_threads background threads beside the inverse and the metrics, 'write (bg)' is their summed time); CPU s / pair: "
+        "s / pair: median over the pairs after the first (load + field + warp + metrics + inverse + write; the "
+        "bundle's write_threads background threads write each file while the next steps run, 'write' is the time "
+        "left waiting for them after the last step); CPU s / pair: "
         "CPU seconds of all the process's threads for a pair (what the pair costs on a loaded machine); "
         "startup: imports, config and network set-up once per process"
         + (f" (of which `import monai` alone: {v:.1f} s)" if (v := info.get("import_monai_s")) else "")
@@ -388,7 +391,7 @@ def bench_infer(
     sizes: str | tuple[str, ...] = "demo,small,full",
     pairs: int = 2,
     threads: int | None = None,
-    tto: bool = False,
+    instance_opt: bool = False,
     ckpt_path: str | None = None,
     device: str | None = None,
     size: str = "full",
@@ -396,11 +399,12 @@ def bench_infer(
     """Run the inference benchmark; print the table and write ``<out>/bench_infer.json`` and ``.md``.
 
     methods: any of reference (paper size: multiplier 8, full-resolution field), default
-    (train.json's network), syn (ANTs SyN), convexadam. sizes: synthetic grids for the scaling
-    rows (tiny 48x40x64, demo 72x60x96, small 96x80x128, full 192x160x256). pairs: pairs per row.
-    threads: OMP_NUM_THREADS of the bundle processes (default: inherited). tto: add two rows of
+    (the bundle's default network, the recommended one), syn (ANTs SyN), convexadam. sizes: synthetic grids for
+    the scaling rows (tiny 48x40x64, demo 72x60x96, small 96x80x128, full 192x160x256). pairs: pairs per row.
+    threads: OMP_NUM_THREADS of the bundle processes (default: inherited). instance_opt: add two rows of
     test-time instance optimisation (the bundle's coarse-to-fine schedule: 60 steps on a quarter-resolution grid
-    then 20 on a half-resolution one; and 80 steps on a half-resolution grid), from the network with ``ckpt_path``, else from the identity. ckpt_path: trained weights of the default network (else its
+    then 20 on a half-resolution one; and 80 steps on a half-resolution grid), from the network with
+    ``ckpt_path``, else from the identity. ckpt_path: trained weights of the default network (else its
     initial weights: the time is the same, the Dice is not). device: the bundle's ``device`` (e.g.
     ``cuda``; default: cuda when available). size: the grid of the method rows (full: 192x160x256).
     """
@@ -415,7 +419,7 @@ def bench_infer(
     if device:
         extra["device"] = f"$torch.device('{device}')"
     results = []
-    for row in rows_for(method_list, size_list, tto, size, trained=bool(ckpt_path)):
+    for row in rows_for(method_list, size_list, instance_opt, size, trained=bool(ckpt_path)):
         row_extra = dict(extra)
         if ckpt_path and row.name.startswith("default"):
             row_extra.update({"ckpt_path": str(Path(ckpt_path).resolve()), "require_checkpoint": True})

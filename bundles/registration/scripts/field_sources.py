@@ -1,6 +1,8 @@
 """Where a pair's displacement field comes from: the network (``InferenceBatch`` feeds it), a
 folder of Learn2Reg fields, ANTs SyN or ConvexAdam. Each is a piece of one MONAI ``SupervisedEvaluator``
-(``prepare_batch`` or ``iteration_update``), so outputs and metrics are identical for every method.
+(``prepare_batch`` or ``iteration_update``) whose output is the ddf (B, 3, D, H, W), so outputs and metrics are
+computed the same way for every method (``scripts.postprocessing``). Each ``iteration_update`` names what it runs
+(``method``), the label of the run's outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from ignite.engine import Engine
 
 from scripts.errors import InputError, as_flag
-from scripts.fields import find_field, l2r_to_ddf, load_l2r_field
+from scripts.fields import field_to_ddf, find_field, load_field
 from scripts.losses import one_hot_organs
 from scripts.transforms import PSEUDO, PSEUDO_HINT
 
@@ -52,13 +54,15 @@ class InferenceBatch:
 
 
 class FieldFolderIteration:
-    """``iteration_update`` that reads each pair's Learn2Reg field from a folder (any method).
+    """``iteration_update`` that reads each pair's Learn2Reg field from a folder (any method's): ``field_folder.json``.
 
     With ``pairs``, every pair's field is looked up before the first one is scored.
     """
 
-    def __init__(self, field_dir: str, pairs: Sequence[dict] | None = None) -> None:
-        self.field_dir = Path(field_dir)
+    def __init__(self, field_dir: str | None, pairs: Sequence[dict] | None = None) -> None:
+        if not field_dir:
+            raise InputError("no field folder to score: pass --field_dir <folder of Learn2Reg fields>")
+        self.given, self.field_dir = str(field_dir), Path(field_dir)
         if not self.field_dir.is_dir():
             raise InputError(f"{self.field_dir}: field folder not found")
         missing = []
@@ -70,21 +74,27 @@ class FieldFolderIteration:
         if missing:
             raise InputError(f"{len(missing)} of {len(pairs)} pairs have no field: " + "; ".join(missing[:3]))
 
+    @property
+    def method(self) -> str:
+        return f"fields: {self.given}"
+
     def __call__(self, engine: Engine, batch: dict) -> dict:
         ddfs = []
         for fixed, moving in zip(batch["path_fixed"], batch["path_moving"], strict=True):
-            field = load_l2r_field(find_field(self.field_dir, fixed, moving))
+            field = load_field(find_field(self.field_dir, fixed, moving))
             if tuple(field.shape[:3]) != tuple(batch["fixed"].shape[2:]):
                 raise InputError(
                     f"field for {fixed} / {moving} has shape {field.shape}, scans {tuple(batch['fixed'].shape[2:])}"
                 )
-            ddfs.append(l2r_to_ddf(field))
+            ddfs.append(field_to_ddf(field))
         return {"pred": torch.stack(ddfs)}
 
 
 class _PerPairIteration:
-    """``iteration_update`` of a classical method: one registration per pair, on the loaded arrays;
-    the runtime goes to the metrics."""
+    """``iteration_update`` of a classical method: one registration per pair, on the loaded arrays; its Learn2Reg
+    field becomes the ddf, and its runtime goes to the metrics."""
+
+    method = "classical"
 
     def register(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[np.ndarray, float]:
         raise NotImplementedError
@@ -93,7 +103,7 @@ class _PerPairIteration:
         ddfs, runtimes = [], []
         for b in range(batch["fixed"].shape[0]):
             field, seconds = self.register(batch["fixed"][b, 0], batch["moving"][b, 0])
-            ddfs.append(l2r_to_ddf(field))
+            ddfs.append(field_to_ddf(field))
             runtimes.append(seconds)
         return {"pred": torch.stack(ddfs), "runtime_s": runtimes}
 
@@ -105,6 +115,8 @@ class SynIteration(_PerPairIteration):
     the same fields (``scripts.syn.make_reproducible``). ``temp_dir``: where ANTs' transforms go while a pair
     is registered (a hidden folder, removed after the pair).
     """
+
+    method = "ants_syn"
 
     def __init__(
         self,
@@ -136,6 +148,8 @@ class SynIteration(_PerPairIteration):
 
 class ConvexAdamIteration(_PerPairIteration):
     """ConvexAdam (the ``convexadam`` package) per pair, on ``device``."""
+
+    method = "convexadam"
 
     def __init__(
         self,

@@ -2,10 +2,10 @@
 
 All three describe the same pull-back mapping from the fixed grid into the moving image:
 
-* MONAI ddf: torch (3, D, H, W) [or (B, 3, D, H, W)], voxel units, ``warped(x) = moving(x + ddf(x))``
-  (``monai.networks.blocks.Warp``).
-* Learn2Reg field: numpy (D, H, W, 3), voxel units on the fixed grid, same mapping with scipy
-  ``map_coordinates`` (ij indexing); float16 or float32, NIfTI or npz.
+* ``ddf`` (MONAI's name): torch (3, D, H, W) [or (B, 3, D, H, W)], voxel units,
+  ``warped(x) = moving(x + ddf(x))`` (``monai.networks.blocks.Warp``). Inference computes everything on it.
+* ``field`` (Learn2Reg): numpy (D, H, W, 3), voxel units on the fixed grid, same mapping with scipy
+  ``map_coordinates`` (ij indexing); float16 or float32, NIfTI or npz: the layout of the files only.
 * ITK displacement field: physical mm in ITK's LPS frame, defined at the fixed grid's points:
   ``T(p) = p + d(p)`` maps a fixed point to the moving point, which is what
   ``itk.DisplacementFieldTransform``, ``antsApplyTransforms`` and 3D Slicer expect.
@@ -24,7 +24,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import scipy.ndimage
 import torch
 from monai.networks.blocks import Warp
 
@@ -38,7 +37,6 @@ except ImportError:  # without it the standard library writes the same files, sl
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 L2R_NAME = re.compile(r"^(?P<name>.+)_(?P<subject>\d{4})_(?P<suffix>\d{4})\.nii(\.gz)?$")
 FIELD_EXTS = (".nii.gz", ".npz")
-_WARP_LINEAR = Warp(mode="bilinear", padding_mode="zeros")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,8 +112,8 @@ def ddf_of(pred: Any) -> torch.Tensor:
     return torch.as_tensor(pred)
 
 
-def ddf_to_l2r(ddf: torch.Tensor | np.ndarray) -> np.ndarray:
-    """MONAI ddf (3, D, H, W) or (1, 3, D, H, W) -> Learn2Reg field (D, H, W, 3) float32."""
+def ddf_to_field(ddf: torch.Tensor | np.ndarray) -> np.ndarray:
+    """ddf (3, D, H, W) or (1, 3, D, H, W) -> Learn2Reg field (D, H, W, 3) float32, C-contiguous (for a file)."""
     arr = ddf.detach().float().cpu().numpy() if isinstance(ddf, torch.Tensor) else np.asarray(ddf, np.float32)
     if arr.ndim == 5:
         if arr.shape[0] != 1:
@@ -126,12 +124,18 @@ def ddf_to_l2r(ddf: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(arr, 0, -1), dtype=np.float32)
 
 
-def l2r_to_ddf(field: np.ndarray) -> torch.Tensor:
-    """Learn2Reg field (D, H, W, 3) -> MONAI ddf (3, D, H, W) float32 tensor."""
+def field_to_ddf(field: np.ndarray) -> torch.Tensor:
+    """Learn2Reg field (D, H, W, 3) -> ddf (3, D, H, W) float32 tensor, contiguous (a file's field, or a
+    classical method's, made the ddf everything else reads)."""
     arr = np.asarray(field, np.float32)
     if arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"expected a Learn2Reg field of shape (D, H, W, 3), got {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(arr, -1, 0)))
+
+
+def as_written(ddf: torch.Tensor, dtype: str = "float16") -> torch.Tensor:
+    """``ddf`` rounded to the ``dtype`` its file stores (as float32): the field the Learn2Reg evaluator reads."""
+    return ddf.to(getattr(torch, np.dtype(dtype).name)).float()
 
 
 def voxel_to_world(
@@ -176,7 +180,7 @@ def save_nifti(
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(gzip_compress(img.to_bytes(), 1, mtime=0)))
 
 
-def save_l2r_field(
+def save_field(
     path: str | os.PathLike, field: np.ndarray, dtype: str = "float16", affine: np.ndarray | None = None
 ) -> Path:
     """Write a Learn2Reg field (D, H, W, 3): ``.nii.gz`` (nibabel) or ``.npz`` (one array, ``arr_0``).
@@ -196,7 +200,7 @@ def save_l2r_field(
     return save_nifti(path, arr, np.eye(4) if affine is None else affine)
 
 
-def load_l2r_field(path: str | os.PathLike) -> np.ndarray:
+def load_field(path: str | os.PathLike) -> np.ndarray:
     """Read a Learn2Reg field as the evaluator does (float64 for NIfTI, float32 for npz)."""
     path = Path(path)
     try:
@@ -251,41 +255,34 @@ def save_itk_displacement(
 _WARP_BORDER = Warp(mode="bilinear", padding_mode="border")
 
 
-def invert_ddf(ddf: torch.Tensor, start: torch.Tensor | None = None, iterations: int = 20) -> torch.Tensor:
-    """The inverse of a voxel displacement field (B, 3, *spatial), by fixed-point iteration.
+def invert_ddf(
+    ddf: torch.Tensor, start: torch.Tensor | None = None, grid: int = 2, iterations: int = 10
+) -> torch.Tensor:
+    """The inverse of a ddf (B, 3, *spatial), by fixed-point iteration on a grid ``grid`` times coarser (the fields
+    are smooth: at 192x160x256 this is 1.5 s instead of 17 s, and 0.02 voxels more residual), upsampled.
 
     The forward field maps x to y = x + u(x); its inverse v satisfies y + v(y) = x, that is v(y) = -u(y + v(y)),
     which ``v <- -u(y + v(y))`` solves where the field is invertible (its Jacobian determinant positive); it
-    starts from ``start`` (e.g. a symmetric network's fixed -> moving field) or from -u. Outside the scan u is
+    starts from ``start`` (e.g. a symmetric network's fixed -> moving ddf) or from -u. Outside the scan u is
     taken from the border. With ``u`` on the fixed grid the inverse is on the same array grid, read in the moving
     scan: ``warped_fixed(y) = fixed(y + v(y))``. MONAI has no field inversion (its ``DVF2DDF`` integrates a
     velocity field, which this network does not predict).
     """
     u = ddf.float()
-    v = -u if start is None else start.float()
+    v = None if start is None else start.float()
+    if grid > 1:
+        u = torch.nn.functional.avg_pool3d(u, grid, ceil_mode=True) / grid
+        v = None if v is None else torch.nn.functional.avg_pool3d(v, grid, ceil_mode=True) / grid
+    v = -u if v is None else v
     with torch.no_grad():
         for _ in range(int(iterations)):
             v = -_WARP_BORDER(u, v)
-    return v
-
-
-def invert_field(
-    field: np.ndarray, start: np.ndarray | None = None, grid: int = 2, iterations: int = 10
-) -> np.ndarray:
-    """The inverse of a Learn2Reg field (D, H, W, 3), computed on a grid ``grid`` times coarser (the fields are
-    smooth: at 192x160x256 this is 1.5 s instead of 17 s, and 0.02 voxels more residual) and upsampled."""
-    u = l2r_to_ddf(field)[None]
-    v0 = None if start is None else l2r_to_ddf(start)[None]
-    if grid > 1:
-        u = torch.nn.functional.avg_pool3d(u, grid, ceil_mode=True) / grid
-        v0 = None if v0 is None else torch.nn.functional.avg_pool3d(v0, grid, ceil_mode=True) / grid
-    v = invert_ddf(u, v0, iterations)
     if grid > 1:
         v = torch.nn.functional.interpolate(
             v * grid, scale_factor=grid, mode="trilinear", align_corners=False
         )
-        v = v[(..., *[slice(0, s) for s in field.shape[:3]])]
-    return ddf_to_l2r(v[0])
+        v = v[(..., *[slice(0, s) for s in ddf.shape[2:]])]
+    return v.contiguous()
 
 
 def inverse_residual(ddf: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -298,34 +295,15 @@ def inverse_residual(ddf: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # applying a field
 # ----------------------------------------------------------------------------------------------
-def warp_array(moving: np.ndarray, field: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
-    """``moving(x + u(x))`` on the fixed grid with scipy ``map_coordinates`` (the evaluator's convention).
-
-    order 1 (linear) for images, 0 (nearest) for labels; ``cval`` outside the moving scan. scipy
-    rather than MONAI ``Warp`` so that label warping is the evaluator's to the voxel (grid_sample's
-    nearest rounding differs at ties).
+def warp_image(moving: torch.Tensor, ddf: torch.Tensor, cval: float = 0.0) -> torch.Tensor:
+    """Linear ``moving(x + ddf(x))`` on the fixed grid with MONAI ``Warp`` (torch ``grid_sample``, every thread):
+    the warped scan inference writes and shows. ``moving`` (D, H, W), ``ddf`` (3, D, H, W) in voxels; ``cval``
+    outside the moving scan, blended over its outermost voxel. Labels are warped by ``scripts.metrics.warp_labels``
+    (the evaluator's nearest neighbour, exactly); training warps with MONAI's ``Warp`` itself (differentiable).
     """
-    moving = np.asarray(moving)
-    field = np.asarray(field, np.float64)
-    if field.shape[:3] != moving.shape[:3] or field.shape[-1] != 3:
-        raise ValueError(f"field {field.shape} does not fit the moving array {moving.shape}")
-    coords = np.meshgrid(*(np.arange(s) for s in field.shape[:3]), indexing="ij") + field.transpose(
-        3, 0, 1, 2
-    )
-    src = moving if order == 0 else moving.astype(np.float32)
-    return scipy.ndimage.map_coordinates(src, coords, order=order, mode="constant", cval=cval)
-
-
-def warp_image(moving: np.ndarray, field: np.ndarray, cval: float = 0.0) -> np.ndarray:
-    """Linear ``moving(x + u(x))`` with MONAI ``Warp`` (torch ``grid_sample``, every thread): the warped
-    image the writer saves and shows. Equal to ``warp_array(order=1)`` to float32 rounding wherever
-    ``x + u(x)`` falls inside the moving scan; outside it blends to ``cval`` over one voxel instead of
-    switching at the edge. Labels keep ``warp_array`` (the evaluator's nearest neighbour, exactly).
-    """
-    moving = np.asarray(moving, np.float32)
-    if field.shape[:3] != moving.shape[:3] or field.shape[-1] != 3:
-        raise ValueError(f"field {field.shape} does not fit the moving array {moving.shape}")
+    moving = torch.as_tensor(moving).as_subclass(torch.Tensor).float()
+    if tuple(ddf.shape) != (3, *moving.shape):
+        raise ValueError(f"ddf {tuple(ddf.shape)} does not fit the moving image {tuple(moving.shape)}")
     with torch.no_grad():
-        src = torch.from_numpy(moving - np.float32(cval))[None, None]
-        out = _WARP_LINEAR(src, l2r_to_ddf(field)[None])[0, 0]
-    return out.numpy() + np.float32(cval)
+        warped = Warp(mode="bilinear", padding_mode="zeros")((moving - cval)[None, None], ddf[None].float())
+    return warped[0, 0] + cval

@@ -34,7 +34,6 @@ __all__ = [
     "InstanceOptimiser",
     "InstanceOptIteration",
     "MINDFeatures",
-    "smooth_field",
     "diffusion",
     "GridWarp",
 ]
@@ -56,29 +55,24 @@ def smoothing_matrix(n: int, passes: int = 3, device=None) -> torch.Tensor:
     return torch.linalg.matrix_power(box / 3.0, passes)
 
 
-def smooth_field(field: torch.Tensor, passes: int = 3) -> torch.Tensor:
-    """``passes`` 3x3x3 box filters (stride 1, edges replicated), as ConvexAdam smooths its grid.
+def apply_smoothing(ddf: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Repeated 3x3x3 box filters (stride 1, edges replicated), as ConvexAdam smooths its grid: the per-axis
+    matrices of ``smoothing_matrix`` applied to a (B, C, D, H, W) ddf.
 
     The filter is separable and linear, so it is applied as one small matrix per axis: an order of
     magnitude faster (forward + backward) on a CPU than repeated ``avg_pool3d``, whose backward dominated
     an iteration.
     """
-    mats = [smoothing_matrix(n, passes, field.device).to(field.dtype) for n in field.shape[2:]]
-    return apply_smoothing(field, mats)
+    ddf = torch.einsum("id,bcdhw->bcihw", mats[0], ddf)
+    ddf = torch.einsum("jh,bcdhw->bcdjw", mats[1], ddf)
+    return torch.einsum("kw,bcdhw->bcdhk", mats[2], ddf)
 
 
-def apply_smoothing(field: torch.Tensor, mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Apply the per-axis matrices of ``smoothing_matrix`` to a (B, C, D, H, W) field."""
-    field = torch.einsum("id,bcdhw->bcihw", mats[0], field)
-    field = torch.einsum("jh,bcdhw->bcdjw", mats[1], field)
-    return torch.einsum("kw,bcdhw->bcdhk", mats[2], field)
-
-
-def diffusion(field: torch.Tensor) -> torch.Tensor:
-    """Sum over axes of the mean squared forward difference of a (B, 3, D, H, W) field (ConvexAdam's
+def diffusion(ddf: torch.Tensor) -> torch.Tensor:
+    """Sum over axes of the mean squared forward difference of a (B, 3, D, H, W) ddf (ConvexAdam's
     regulariser). Not MONAI's ``DiffusionLoss``: its central differences index with lists, whose backward
     cost more than the rest of an iteration on a CPU."""
-    return sum(field.diff(dim=d).pow(2).mean() for d in range(2, field.ndim))
+    return sum(ddf.diff(dim=d).pow(2).mean() for d in range(2, ddf.ndim))
 
 
 class GridWarp:
@@ -195,13 +189,13 @@ class InstanceOptimiser:
         moving: torch.Tensor,
         fixed: torch.Tensor,
         init: torch.Tensor | None = None,
-        moving_seg: torch.Tensor | None = None,
-        fixed_seg: torch.Tensor | None = None,
+        moving_pseudo: torch.Tensor | None = None,
+        fixed_pseudo: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Refined field (1, 3, *spatial) in voxels, ``warped(x) = moving(x + u(x))``.
+        """The refined ddf (1, 3, *spatial) in voxels, ``warped(x) = moving(x + ddf(x))``.
 
         ``moving``/``fixed``: (1, C, *spatial) images (the network's windowed channels); ``init``: the
-        starting field (1, 3, *spatial) or None for the identity; ``moving_seg``/``fixed_seg``: (1, 1, *spatial)
+        starting ddf (1, 3, *spatial) or None for the identity; ``moving_pseudo``/``fixed_pseudo``: (1, 1, *spatial)
         predicted label maps, needed when ``dice_weight`` > 0.
         """
         moving, fixed = torch.as_tensor(moving).float(), torch.as_tensor(fixed).float()
@@ -214,7 +208,7 @@ class InstanceOptimiser:
             moving, fixed = self.features(moving), self.features(fixed)  # possibly on a coarser grid
         for spacing, iterations in self.levels:
             if iterations > 0:
-                base = self._refine(moving, fixed, base, spacing, iterations, moving_seg, fixed_seg)
+                base = self._refine(moving, fixed, base, spacing, iterations, moving_pseudo, fixed_pseudo)
         return base
 
     def _refine(
@@ -224,8 +218,8 @@ class InstanceOptimiser:
         base: torch.Tensor,
         grid_spacing: int,
         iterations: int,
-        moving_seg: torch.Tensor | None,
-        fixed_seg: torch.Tensor | None,
+        moving_pseudo: torch.Tensor | None,
+        fixed_pseudo: torch.Tensor | None,
     ) -> torch.Tensor:
         """One level: ``iterations`` Adam steps on a grid ``grid_spacing`` times coarser, added to ``base``."""
         spatial = tuple(base.shape[2:])  # the field's grid (the images may be pooled features)
@@ -241,10 +235,12 @@ class InstanceOptimiser:
             mov_c, fix_c = pool(moving), pool(fixed)
             base_c = pool(base) / scale  # coarse-voxel units
             if with_labels:
-                if moving_seg is None or fixed_seg is None:
+                if moving_pseudo is None or fixed_pseudo is None:
                     raise ValueError("dice_weight > 0 needs the predicted labels of both scans")
-                oh_mov = pool(one_hot_organs(torch.as_tensor(moving_seg).to(fixed.device), self.num_organs))
-                oh_fix = pool(one_hot_organs(torch.as_tensor(fixed_seg).to(fixed.device), self.num_organs))
+                oh_mov = pool(
+                    one_hot_organs(torch.as_tensor(moving_pseudo).to(fixed.device), self.num_organs)
+                )
+                oh_fix = pool(one_hot_organs(torch.as_tensor(fixed_pseudo).to(fixed.device), self.num_organs))
                 # only organs present in both label maps count (as the Learn2Reg DSC): warp just those,
                 # as each warped channel costs as much as the whole image term
                 keep = organ_mask(oh_mov, oh_fix, torch.ones(1, self.num_organs, device=fixed.device))[0] > 0
@@ -258,11 +254,11 @@ class InstanceOptimiser:
         with torch.enable_grad():
             for _ in range(iterations):
                 optimiser.zero_grad(set_to_none=True)
-                field = base_c + apply_smoothing(residual, mats)
-                loss = self.sim_weight * self.similarity(warp(mov_c, field), fix_c)
-                loss = loss + self.reg_weight * diffusion(field)
+                ddf = base_c + apply_smoothing(residual, mats)
+                loss = self.sim_weight * self.similarity(warp(mov_c, ddf), fix_c)
+                loss = loss + self.reg_weight * diffusion(ddf)
                 if with_labels:
-                    warped = warp(oh_mov, field, padding_mode="zeros")
+                    warped = warp(oh_mov, ddf, padding_mode="zeros")
                     loss = loss + self.dice_weight * masked_dice_loss(warped, oh_fix, mask, self.dice)
                 loss.backward()
                 optimiser.step()
@@ -295,6 +291,14 @@ class InstanceOptIteration:
         self.start = start
         self.image_keys, self.label_keys = tuple(image_keys), tuple(label_keys)
 
+    @property
+    def method(self) -> str:
+        """What this iteration runs, the label of its outputs: ``network`` or ``identity``, and
+        ``<start> + instance_opt`` when it refines (`` (pseudo)``: with the Dice term on predicted labels)."""
+        if self.optimiser is None:
+            return self.start
+        return f"{self.start} + instance_opt" + (" (pseudo)" if self.optimiser.uses_labels else "")
+
     def __call__(self, engine: Engine, batch: dict) -> dict:
         t0 = time.perf_counter()
         device = engine.state.device
@@ -316,14 +320,14 @@ class InstanceOptIteration:
                 self._check_labels(batch)
             refined = []
             for b in range(fixed.shape[0]):
-                segs = (
+                pseudo = (
                     [torch.as_tensor(batch[k][b : b + 1]).to(device) for k in self.label_keys]
                     if self.optimiser.uses_labels
                     else [None, None]
                 )
                 refined.append(
                     self.optimiser(
-                        moving[b : b + 1].to(device), fixed[b : b + 1].to(device), ddf[b : b + 1], *segs
+                        moving[b : b + 1].to(device), fixed[b : b + 1].to(device), ddf[b : b + 1], *pseudo
                     )
                 )
             output["pred"] = torch.cat(refined)

@@ -7,23 +7,22 @@ the organ is absent in fixed or moving), HD95 with DeepMind's ``surface_distance
 by central differences with zero padding and a 2-voxel border crop. We reproduce it here, add the
 HD95 in mm, the honest std(log det) over det > 0, and the fraction of folded voxels (det <= 0),
 which the official SDlogJ hides (its folding count is always 0 because of the +3 shift).
+
+The field is read in the evaluator's own layout, the ddf (3, D, H, W) in voxels (its ``jacobian_determinant`` takes
+(1, 3, D, H, W), its label warp ``identity + ddf``), as a numpy array or a CPU tensor. This module computes; the
+registration writer writes the numbers (``scripts.metric_files``).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import scipy.ndimage
 from monai.metrics.utils import get_mask_edges
 
-from scripts.atomic import atomic_write_text
-
-# The bundle's one organ count (BTCV order, DESIGN section 4); configs pass ``num_organs``/``labels``.
+# The bundle's one organ count (BTCV order: 1 spleen ... 13 left adrenal gland); configs pass ``num_organs``/``labels``.
 NUM_ORGANS = 13
 LABELS: tuple[int, ...] = tuple(range(1, NUM_ORGANS + 1))
 
@@ -31,34 +30,36 @@ LABELS: tuple[int, ...] = tuple(range(1, NUM_ORGANS + 1))
 # ----------------------------------------------------------------------------------------------
 # warping and Jacobian (official conventions)
 # ----------------------------------------------------------------------------------------------
-def warp_labels(moving_seg: np.ndarray, disp: np.ndarray) -> np.ndarray:
-    """Moving labels warped onto the fixed grid: ``moving(x + u(x))`` by nearest neighbour.
+def warp_labels(moving_label: np.ndarray, ddf: np.ndarray) -> np.ndarray:
+    """Moving labels warped onto the fixed grid: ``moving(x + ddf(x))`` by nearest neighbour.
 
-    ``disp`` is a Learn2Reg field (D, H, W, 3) in voxels. Same call as the evaluator (order 0,
-    constant 0 outside), so the warped labels match it voxel for voxel.
+    ``ddf`` (3, D, H, W) in voxels. Same call as the evaluator (``map_coordinates`` order 0, constant 0 outside,
+    coordinates in float64), so the warped labels match it voxel for voxel.
     """
-    disp = np.asarray(disp)
-    if disp.ndim != 4 or disp.shape[-1] != 3 or disp.shape[:3] != moving_seg.shape:
-        raise ValueError(f"field shape {disp.shape} does not fit labels of shape {moving_seg.shape} (+ (3,))")
-    coords = np.empty((3, *disp.shape[:3]))
+    ddf = np.asarray(ddf)
+    if ddf.ndim != 4 or ddf.shape[0] != 3 or ddf.shape[1:] != moving_label.shape:
+        raise ValueError(
+            f"ddf shape {ddf.shape} does not fit labels of shape {moving_label.shape} ((3,) + it)"
+        )
+    coords = np.empty(ddf.shape)
     for axis in range(3):  # identity + u, component by component (same float64 sums as a meshgrid + u)
         shape = [1, 1, 1]
-        shape[axis] = disp.shape[axis]
-        np.add(disp[..., axis], np.arange(disp.shape[axis]).reshape(shape), out=coords[axis])
-    return scipy.ndimage.map_coordinates(moving_seg, coords, order=0)
+        shape[axis] = ddf.shape[axis + 1]
+        np.add(ddf[axis], np.arange(ddf.shape[axis + 1]).reshape(shape), out=coords[axis])
+    return scipy.ndimage.map_coordinates(moving_label, coords, order=0)
 
 
-def jacobian_determinant(disp: np.ndarray, chunk: int = 32) -> np.ndarray:
+def jacobian_determinant(ddf: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Determinant of the Jacobian of x + u(x), cropped by 2 voxels on each side.
 
-    ``disp`` is (D, H, W, 3) in voxels. Central differences (kernel [-0.5, 0, 0.5]) with zero
-    padding, as the evaluator's ``jacobian_determinant`` (which takes (1, 3, D, H, W)). The zero
+    ``ddf`` (3, D, H, W) in voxels. Central differences (kernel [-0.5, 0, 0.5]) with zero padding, as the
+    evaluator's ``jacobian_determinant`` (which takes (1, 3, D, H, W)). The zero
     padding only touches the outermost voxel, which the crop removes, so the differences are taken
     on the cropped block alone, ``0.5 * (u[i+1] - u[i-1])``: the same float64 numbers as the
     evaluator's correlation (scaling by 0.5 is exact), computed ``chunk`` slices at a time so the nine
     derivatives of a whole volume are never held at once.
     """
-    comps = [np.ascontiguousarray(disp[..., c], dtype=np.float64) for c in range(3)]
+    comps = [np.asarray(ddf[c], dtype=np.float64) for c in range(3)]
     n0, n1, n2 = comps[0].shape
     det = np.empty((n0 - 4, n1 - 4, n2 - 4))
     for start in range(2, n0 - 2, chunk):
@@ -84,12 +85,12 @@ def jacobian_determinant(disp: np.ndarray, chunk: int = 32) -> np.ndarray:
     return det
 
 
-def jacobian_stats(disp: np.ndarray, det: np.ndarray | None = None) -> dict[str, float]:
+def jacobian_stats(ddf: np.ndarray, det: np.ndarray | None = None) -> dict[str, float]:
     """Official SDlogJ, the honest std(log det) over det > 0, and the folded fraction (det <= 0).
 
-    ``det``: ``jacobian_determinant(disp)`` when the caller has it already (the QC figure shows it too).
+    ``det``: ``jacobian_determinant(ddf)`` when the caller has it already (the QC figure shows it too).
     """
-    det = jacobian_determinant(disp) if det is None else det
+    det = jacobian_determinant(ddf) if det is None else det
     official = float(np.log(np.clip(det + 3, 1e-9, 1e9)).std())
     positive = det[det > 0]
     honest = float(np.log(positive).std()) if positive.size else math.nan
@@ -154,19 +155,22 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def organ_dice(
-    fixed_seg: np.ndarray, moving_seg: np.ndarray, warped_seg: np.ndarray, labels: Iterable[int] = LABELS
+    fixed_label: np.ndarray,
+    moving_label: np.ndarray,
+    warped_label: np.ndarray,
+    labels: Iterable[int] = LABELS,
 ) -> list[float]:
     """Per-organ DSC of the warped labels against the fixed ones; NaN where the organ is absent in the
     fixed or the moving labels (the evaluator's rule, so absent organs never count as 0)."""
     labels = [int(lab) for lab in labels]
-    scores = label_metrics(fixed_seg, moving_seg, warped_seg, labels, hd95=False)
+    scores = label_metrics(fixed_label, moving_label, warped_label, labels, hd95=False)
     return [scores[f"dice_{lab}"] for lab in labels]
 
 
-def _boxes(seg: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
+def _boxes(label: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...] | None]:
     """Bounding box of each label (None where absent), from one pass over the volume."""
     top = max(labels, default=0)
-    found = scipy.ndimage.find_objects(np.where(seg <= top, seg, 0).astype(np.int32), max_label=top)
+    found = scipy.ndimage.find_objects(np.where(label <= top, label, 0).astype(np.int32), max_label=top)
     return {lab: found[lab - 1] if lab >= 1 else None for lab in labels}
 
 
@@ -181,9 +185,9 @@ def _isotropic(spacing: Sequence[float]) -> bool:
 
 
 def label_metrics(
-    fixed_seg: np.ndarray,
-    moving_seg: np.ndarray,
-    warped_seg: np.ndarray,
+    fixed_label: np.ndarray,
+    moving_label: np.ndarray,
+    warped_label: np.ndarray,
     labels: Iterable[int] = LABELS,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     hd95: bool = True,
@@ -196,8 +200,8 @@ def label_metrics(
     the spacing (computed once); anisotropic spacing computes it separately. ``hd95=False``: Dice only.
     """
     labels = [int(lab) for lab in labels]
-    fixed_boxes, warped_boxes = _boxes(fixed_seg, labels), _boxes(warped_seg, labels)
-    moving_boxes = _boxes(moving_seg, labels)
+    fixed_boxes, warped_boxes = _boxes(fixed_label, labels), _boxes(warped_label, labels)
+    moving_boxes = _boxes(moving_label, labels)
     iso = _isotropic(spacing_mm)
     out: dict[str, float] = {}
     dsc, hd, hd_mm = [], [], []
@@ -209,7 +213,7 @@ def label_metrics(
             box = tuple(
                 slice(max(b.start - 1, 0), b.stop + 1) for b in _union(fixed_boxes[lab], warped_boxes[lab])
             )
-            fixed_mask, warped_mask = fixed_seg[box] == lab, warped_seg[box] == lab
+            fixed_mask, warped_mask = fixed_label[box] == lab, warped_label[box] == lab
             d = dice(fixed_mask, warped_mask)
             if not hd95:
                 h = hm = math.nan
@@ -226,38 +230,49 @@ def label_metrics(
     return out
 
 
-def pair_metrics(
-    disp: np.ndarray,
-    fixed_seg: np.ndarray | None = None,
-    moving_seg: np.ndarray | None = None,
+def pair_label_metrics(
+    fixed_label: np.ndarray,
+    moving_label: np.ndarray,
+    warped_label: np.ndarray,
     labels: Iterable[int] = LABELS,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
-    warped_seg: np.ndarray | None = None,
-    det: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All metrics of one pair from its Learn2Reg field (D, H, W, 3) and, when given, its labels.
-
-    ``warped_seg``: the moving labels already warped by ``warp_labels`` with this field (the writer
-    warps them once for its output file and the metrics); ``det``: its ``jacobian_determinant``.
-    """
-    disp = np.asarray(disp, dtype=np.float64)
+    """The label metrics of one pair: the unregistered DSC (``dice_initial``), then ``label_metrics`` of the
+    moving labels warped by ``warp_labels``."""
+    fixed_label, moving_label = np.asarray(fixed_label), np.asarray(moving_label)
+    if fixed_label.shape != moving_label.shape or fixed_label.shape != np.shape(warped_label):
+        raise ValueError(
+            f"shape mismatch: fixed labels {fixed_label.shape}, moving labels {moving_label.shape}, "
+            f"warped labels {np.shape(warped_label)}"
+        )
     labels = list(labels)
+    out = {"dice_initial": _nanmean(organ_dice(fixed_label, moving_label, moving_label, labels))}
+    out.update(label_metrics(fixed_label, moving_label, np.asarray(warped_label), labels, spacing_mm))
+    return out
+
+
+def pair_metrics(
+    ddf: np.ndarray,
+    fixed_label: np.ndarray | None = None,
+    moving_label: np.ndarray | None = None,
+    labels: Iterable[int] = LABELS,
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict[str, float]:
+    """All metrics of one pair from its ddf (3, D, H, W) and, when given, its labels: ``pair_label_metrics``
+    then ``jacobian_stats``, the columns the evaluation writes."""
+    ddf = np.asarray(ddf, dtype=np.float64)
     out: dict[str, float] = {}
-    if fixed_seg is not None and moving_seg is not None:
-        fixed_seg, moving_seg = np.asarray(fixed_seg), np.asarray(moving_seg)
-        if fixed_seg.shape != moving_seg.shape or fixed_seg.shape != disp.shape[:3]:
-            raise ValueError(
-                f"shape mismatch: fixed labels {fixed_seg.shape}, moving labels {moving_seg.shape}, field {disp.shape}"
-            )
-        warped = warp_labels(moving_seg, disp) if warped_seg is None else np.asarray(warped_seg)
-        out["dice_initial"] = _nanmean(organ_dice(fixed_seg, moving_seg, moving_seg, labels))
-        out.update(label_metrics(fixed_seg, moving_seg, warped, labels, spacing_mm))
-    out.update(jacobian_stats(disp, det))
+    if fixed_label is not None and moving_label is not None:
+        if np.shape(moving_label) != ddf.shape[1:]:
+            raise ValueError(f"shape mismatch: moving labels {np.shape(moving_label)}, ddf {ddf.shape}")
+        warped = warp_labels(np.asarray(moving_label), ddf)
+        out.update(pair_label_metrics(fixed_label, moving_label, warped, labels, spacing_mm))
+    out.update(jacobian_stats(ddf))
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# aggregation and atomic outputs
+# aggregation
 # ----------------------------------------------------------------------------------------------
 SUMMARY_QUANTILES = {"dice": ("dice30", 0.3), "hd95": ("hd95_30", 0.3), "hd95_mm": ("hd95_mm_30", 0.3)}
 SUMMARY_QUANTILES["sdlogj"] = ("sdlogj_70", 0.7)
@@ -296,52 +311,3 @@ def aggregate(rows: Sequence[Mapping[str, object]]) -> dict[str, object]:
     if any("qc_flags" in r for r in rows):
         summary["flagged_pairs"] = sum(1 for r in rows if r.get("qc_flags"))
     return {"summary": summary, "aggregates": per_metric}
-
-
-def _json_safe(obj):
-    """JSON without NaN/inf tokens (strict parsers reject them): they become null / "inf"."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return v
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def write_json(path: Path, data: object) -> None:
-    """Atomic JSON write (temp file + os.replace)."""
-    atomic_write_text(Path(path), json.dumps(_json_safe(data), indent=2) + "\n")
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
-    """Atomic per-pair CSV (union of columns in first-seen order; NaN written as 'nan')."""
-    import io
-
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in columns})
-    atomic_write_text(Path(path), buf.getvalue())
-
-
-def write_results(
-    output_dir: Path, rows: Sequence[Mapping[str, object]], name: str = "metrics", extra: dict | None = None
-) -> dict:
-    """Write ``<name>.csv`` (per pair) and ``<name>.json`` (aggregates + per pair); return the JSON data."""
-    output_dir = Path(output_dir)
-    write_csv(output_dir / f"{name}.csv", rows)
-    data = {**aggregate(rows), **(extra or {}), "cases": list(rows)}
-    write_json(output_dir / f"{name}.json", data)
-    return data

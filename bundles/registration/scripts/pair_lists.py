@@ -1,8 +1,8 @@
-"""Where the pairs to register come from.
+"""Where the pairs to register come from (``pairs_to_register``, the ``pairs`` of ``inference.json``).
 
 Sources: one pair on the command line, our datalist or a Learn2Reg ``AbdomenCTCT_dataset.json``,
-or the Learn2Reg 2020 pairs CSV. Paths come back absolute, so later stages never depend on the
-working folder.
+or the Learn2Reg 2020 pairs CSV; the predicted labels of the scans from the segmentation bundle's datalist.
+Paths come back absolute, so later stages never depend on the working folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from pathlib import Path
 from scripts.errors import InputError
 from scripts.fields import field_name, pair_tag
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "PSEUDO_KEYS", "load_pairs", "check_pairs", "attach_pseudo_labels"]
+__all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "PSEUDO_KEYS",
+    "pairs_to_register",
+    "load_pairs",
+    "check_pairs",
+    "attach_pseudo_labels",
+]
 
 IMAGE_KEYS = ("fixed", "moving")
 LABEL_KEYS = ("fixed_label", "moving_label")  # keys in the pair lists
@@ -37,6 +45,26 @@ def _with_labels(pair: dict, root: Path) -> dict:
             guess = out[img].replace("images", "labels")
             out[lab] = guess if os.path.isfile(guess) else None
     return {k: v for k, v in out.items() if v is not None}
+
+
+def pairs_to_register(
+    pairs_file: str | None = None,
+    key: str = "registration_val",
+    data_root: str | None = None,
+    fixed: str | None = None,
+    moving: str | None = None,
+    fixed_label: str | None = None,
+    moving_label: str | None = None,
+    pseudo_datalist: str | None = None,
+    fixed_pseudo: str | None = None,
+    moving_pseudo: str | None = None,
+    short_names: bool = False,
+) -> list[dict]:
+    """The pairs of a run: ``load_pairs`` (one pair or a list), their predicted labels attached
+    (``attach_pseudo_labels``), every file and output name checked before anything runs (``check_pairs``)."""
+    pairs = load_pairs(pairs_file, key, data_root, fixed, moving, fixed_label, moving_label)
+    pairs = attach_pseudo_labels(pairs, pseudo_datalist, fixed_pseudo, moving_pseudo, data_root)
+    return check_pairs(pairs, short_names)
 
 
 def load_pairs(
@@ -168,6 +196,6 @@ def attach_pseudo_labels(
                 continue
             found = lookup.get(os.path.realpath(pair[img]))
             if found is None:
-                raise InputError(f"{path}: no pseudo (predicted labels) for {img} scan {pair[img]}")
+                raise InputError(f"{path}: no predicted labels (pseudo) for {img} scan {pair[img]}")
             pair[key] = found
     return out

@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scripts.atomic import atomic_write  # noqa: E402
-from scripts.metrics import jacobian_determinant  # noqa: E402
 
 
 def checkerboard(a: np.ndarray, b: np.ndarray, tiles: int = 8) -> np.ndarray:
@@ -32,20 +31,19 @@ def qc_figure(
     fixed: np.ndarray,
     moving: np.ndarray,
     warped: np.ndarray,
-    field: np.ndarray,
+    inner_det: np.ndarray,
     path: str | os.PathLike,
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
     window: tuple[float, float] = (-200.0, 300.0),
     title: str = "",
-    inner_det: np.ndarray | None = None,
 ) -> Path:
     """Write a PNG: rows = axial-like/coronal-like/sagittal-like planes (voxel axes 2, 1, 0);
     columns = fixed, moving, warped, checkerboard fixed/warped, |fixed - warped|, Jacobian determinant.
-    ``inner_det``: ``jacobian_determinant(field)`` (2-voxel border cropped) when the caller has it.
+    ``inner_det``: the field's ``metrics.jacobian_determinant`` (2-voxel border cropped; 1 is shown there).
     """
-    det = np.ones(field.shape[:3], np.float32)
-    if min(field.shape[:3]) > 4:
-        det[2:-2, 2:-2, 2:-2] = jacobian_determinant(field) if inner_det is None else inner_det
+    det = np.ones(fixed.shape, np.float32)
+    if min(fixed.shape) > 4:
+        det[2:-2, 2:-2, 2:-2] = inner_det
     centre = tuple(int(s) // 2 for s in fixed.shape)
     lo, hi = window
     columns = [

@@ -7,9 +7,9 @@
 * ``LoadScand``: a scan loaded by file name, refused with the file's name when unreadable, not 3D or not
   finite, or (labels) with ids outside 0..max_label.
 * ``CheckSameGridd``: preprocessed pairs must share the fixed scan's grid (they are registered array to array).
-* ``AlignCentersd``: the moving scan's affine translated so that its centre meets the fixed scan's.
+* ``AlignCentersd``: the moving scan's affine translated so that it meets the fixed scan.
 
-Inside a pair, label maps and paths use keys that do not start with ``fixed_``/``moving_`` (``SEG``,
+Inside a pair, label maps and paths use keys that do not start with ``fixed_``/``moving_`` (``LABEL``,
 ``PSEUDO``, ``path_*``): MONAI's ``Spacingd`` treats every ``<key>_*`` entry as a meta dict of ``<key>``.
 """
 
@@ -30,7 +30,7 @@ from scripts.errors import InputError
 from scripts.label_checks import CheckLabelsd, label_map
 
 __all__ = [
-    "SEG",
+    "LABEL",
     "PSEUDO",
     "LOADED",
     "ct_window",
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # true labels (the metrics read them) and predicted labels (instance optimisation's Dice term reads them)
-SEG = {"fixed": "seg_fixed", "moving": "seg_moving"}
+LABEL = {"fixed": "label_fixed", "moving": "label_moving"}
 PSEUDO = {"fixed": "pseudo_fixed", "moving": "pseudo_moving"}
 # how a user supplies them, for every error about missing predicted labels
 PSEUDO_HINT = "pass --pseudo_datalist (the segmentation bundle's datalist_pseudo.json) or --fixed_pseudo/--moving_pseudo"
@@ -53,8 +53,8 @@ PSEUDO_HINT = "pass --pseudo_datalist (the segmentation bundle's datalist_pseudo
 LOADED = {
     "fixed": "fixed",
     "moving": "moving",
-    "fixed_label": SEG["fixed"],
-    "moving_label": SEG["moving"],
+    "fixed_label": LABEL["fixed"],
+    "moving_label": LABEL["moving"],
     "fixed_pseudo": PSEUDO["fixed"],
     "moving_pseudo": PSEUDO["moving"],
 }
@@ -183,27 +183,23 @@ class AlignCentersd(MapTransform):
       patient), the one under which the two scans agree best (correlation of their clipped HU on an 8 mm grid
       over the fixed body).
     * ``mass``: always align the bodies' centres of mass.
-    * ``centre``: align the geometric centres of the two scans (earlier versions' rule: a copy cropped by 10
-      slices then starts 10 mm off).
     * ``none``: never move it.
 
-    Applied to the scans as loaded, so the geometry is the original one in world coordinates.
+    Scans without a body (a phantom, a blank scan) have their geometric centres aligned instead (``auto``,
+    ``mass``). Applied to the scans as loaded, so the geometry is the original one in world coordinates.
     """
 
-    MODES = ("auto", "mass", "centre", "none")
+    MODES = ("auto", "mass", "none")
 
     def __init__(
         self,
-        keys: Sequence[str] = ("moving", SEG["moving"], PSEUDO["moving"]),
+        keys: Sequence[str] = ("moving", LABEL["moving"], PSEUDO["moving"]),
         ref_key: str = "fixed",
-        mode: str | bool = "auto",
+        mode: str = "auto",
     ) -> None:
         super().__init__(keys, allow_missing_keys=True)
         self.ref_key = ref_key
-        mode = (
-            {True: "centre", False: "none"}.get(mode, mode) if isinstance(mode, bool) else str(mode).lower()
-        )
-        mode = {"true": "centre", "false": "none"}.get(mode, mode)
+        mode = str(mode).lower()
         if mode not in self.MODES:
             raise ValueError(f"align_centers must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
@@ -217,8 +213,6 @@ class AlignCentersd(MapTransform):
         """The world shift for the moving scan, and the rule that chose it."""
         if self.mode == "none":
             return np.zeros(3), "none"
-        if self.mode == "centre":
-            return self._centre(fixed) - self._centre(moving), "centre"
         a, b = _body_box(fixed), _body_box(moving)
         if a is None or b is None:  # no body (a phantom, a blank scan): the geometric centres
             return self._centre(fixed) - self._centre(moving), "centre"
@@ -274,7 +268,7 @@ class CheckSameGridd(MapTransform):
 
     def __init__(
         self,
-        keys: Sequence[str] = ("moving", *SEG.values(), *PSEUDO.values()),
+        keys: Sequence[str] = ("moving", *LABEL.values(), *PSEUDO.values()),
         tolerance_mm: float = 0.1,
         allow_missing_keys: bool = True,
     ) -> None:
