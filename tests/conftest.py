@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny synthetic cohorts and their preprocessed datalist (made once per session)."""
+"""Shared fixtures: tiny synthetic cohorts and their preprocessed datalist (made once per session, also when
+pytest-xdist spreads the tests over several workers), and how the tests are spread over those workers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,14 +29,36 @@ TINY = {"pixdim": [6.0, 6.0, 6.0], "spatial_size": [48, 40, 64]}
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 3D conv backward is faster on one thread here
 
 
+def session_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that ``build`` fills once per test session. Under pytest-xdist the first worker that asks builds
+    it in the session's common temporary folder, holding a file lock, and the others wait for it and reuse it
+    (the recipe of the xdist docs); a worker that failed half-way leaves no mark, so the next one builds anew."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.mktemp(name)
+        build(path)
+        return path
+    common = tmp_path_factory.getbasetemp().parent  # one per session, shared by its workers
+    path, done = common / name, common / f"{name}.done"
+    with open(common / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_cohorts(tmp_path_factory) -> Path:
     """Synthetic raw cohorts in their native layouts (tiny size: 6 mm, 48x40x64 L2R grid)."""
     from abdoreg.synth import generate
 
-    root = tmp_path_factory.mktemp("raw")
-    generate(root, size="tiny", n_l2r=9, n_other=3, log=lambda _: None)
-    return root
+    return session_folder(
+        tmp_path_factory,
+        "raw",
+        lambda root: generate(root, size="tiny", n_l2r=9, n_other=3, log=lambda _: None),
+    )
 
 
 def preprocess(raw: Path, out: Path, cohort: str, check: bool = True, **overrides):
@@ -50,7 +76,21 @@ def preprocess(raw: Path, out: Path, cohort: str, check: bool = True, **override
 @pytest.fixture(scope="session")
 def tiny_preprocessed(tiny_cohorts, tmp_path_factory) -> Path:
     """Path of the merged ``datalist.json`` of all tiny cohorts, preprocessed (L2R first: it is the reference)."""
-    out = tmp_path_factory.mktemp("preprocessed")
-    for cohort in COHORT_DIRS:
-        preprocess(tiny_cohorts, out, cohort)
-    return out / "datalist.json"
+
+    def build(out: Path) -> None:
+        for cohort in COHORT_DIRS:
+            preprocess(tiny_cohorts, out, cohort)
+
+    return session_folder(tmp_path_factory, "preprocessed", build) / "datalist.json"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """With pytest-xdist (``-n``, ``--dist loadgroup``): the tests of a module that share one of its
+    module-scoped fixtures (a training, a pipeline run) go to one worker, so that the fixture is built once."""
+    if not config.pluginmanager.hasplugin("xdist") or config.getoption("dist", "no") != "loadgroup":
+        return
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs.values() if fixtures else []
+        if any(d[-1].scope in ("module", "class") for d in defs if d):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
