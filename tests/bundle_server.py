@@ -11,9 +11,11 @@ changes reaches the test process or the next run.
 The server only imports third-party libraries (never a bundle's ``scripts``, nor ANTs/ITK, which fix their
 thread count at their first use in a process) and stays single-threaded, so forking it is safe.
 
-Protocol (JSON lines): the client writes ``{"argv", "cwd", "env", "stdout", "stderr"}``; the server answers
-``{"pid"}`` once the child runs, then ``{"returncode"}`` when it ends (negative: killed by that signal).
-The server ends when its stdin closes.
+Protocol (JSON lines): the client writes ``{"argv", "cwd", "env", "stdout", "stderr"}`` (files the child
+appends to; ``stderr`` null: into stdout); the server answers ``{"pid"}`` once the child runs, then
+``{"returncode"}`` when it ends (negative: killed by that signal), one command at a time. The server ends when
+its stdin closes. ``BundlePopen`` and ``run`` below are the client side: a pool of servers, so that commands
+can run at the same time (the pipeline runner's ``jobs``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+
+_LOCK = threading.Lock()  # the client's pool of servers
 
 # What every bundle run imports first; importing more here makes each fork cheaper, but never a bundle's
 # own code, ANTs or ITK (see the module docstring).
@@ -62,7 +67,10 @@ def _child(request: dict, base_path: list[str]) -> None:
     code = 1
     try:
         for fd, name in ((1, "stdout"), (2, "stderr")):
-            target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if request[name] is None:  # stderr into stdout
+                os.dup2(1, fd)
+                continue
+            target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             os.dup2(target, fd)
             os.close(target)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -133,6 +141,174 @@ def serve() -> None:
         answers.write(json.dumps({"pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
         answers.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# client side (the test process): standard library only, imported lazily
+# ---------------------------------------------------------------------------------------------
+FRESH_VARIABLE = "ABDOREG_TEST_FRESH_INTERPRETER"  # "1": every command in a fresh interpreter (slower)
+
+
+class _Server:
+    """One server process and its answers."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # each command brings its own
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            env=env,
+            bufsize=0,
+        )
+        self.buffer = b""
+        self.answer("ready", timeout=600)
+
+    def answer(self, key: str, timeout: float | None):
+        """The next answer (``key`` of its JSON line); ``TimeoutError`` after ``timeout`` s."""
+        import select
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.proc.stdout], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                self.proc.wait()
+                raise RuntimeError("the tests' bundle server ended unexpectedly (its stderr is the tests')")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)[key]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+_IDLE: list[_Server] = []
+_ALL: list[_Server] = []
+
+
+def _acquire() -> _Server:
+    """An idle server of this process, or a new one (the first one registers their shutdown at exit)."""
+    import atexit
+
+    with _LOCK:
+        while _IDLE:
+            server = _IDLE.pop()
+            if server.proc.poll() is None:
+                return server
+        if not _ALL:
+            atexit.register(_close_all)
+    server = _Server()
+    with _LOCK:
+        _ALL.append(server)
+    return server
+
+
+def _close_all() -> None:
+    for server in _ALL:
+        try:
+            server.close()
+        except Exception:
+            pass
+
+
+class BundlePopen:
+    """``subprocess.Popen(cmd, cwd=, env=, stdout=, stderr=)`` for a ``python -m monai.bundle ...`` command, run
+    as a child of a fork server. ``stdout``: a path or an open file (appended to); ``stderr``: a path, a file,
+    or ``subprocess.STDOUT``."""
+
+    def __init__(self, cmd: list[str], cwd=None, env=None, stdout=None, stderr=None) -> None:
+        import subprocess
+
+        if list(cmd[1:3]) != ["-m", "monai.bundle"]:
+            raise ValueError(f"not a `python -m monai.bundle` command: {cmd}")
+        if stdout is None:
+            raise ValueError("BundlePopen writes into files: pass stdout")
+        self.args, self.returncode = cmd, None
+        self._server = _acquire()
+        request = {
+            "argv": list(cmd[3:]),
+            "cwd": os.path.abspath(cwd or os.getcwd()),
+            "env": dict(os.environ if env is None else env),
+            "stdout": str(getattr(stdout, "name", stdout)),
+            "stderr": None if stderr == subprocess.STDOUT else str(getattr(stderr, "name", stderr)),
+        }
+        for stream in (stdout, stderr):
+            if hasattr(stream, "flush"):
+                stream.flush()  # what the caller wrote comes first
+        self._server.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.pid = self._server.answer("pid", timeout=60)
+
+    def _finished(self, timeout: float | None) -> bool:
+        if self.returncode is None:
+            try:
+                self.returncode = self._server.answer("returncode", timeout=timeout)
+            except TimeoutError:
+                return False
+            with _LOCK:
+                _IDLE.append(self._server)
+        return True
+
+    def poll(self) -> int | None:
+        self._finished(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        if not self._finished(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        import signal
+
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def fresh_interpreters() -> bool:
+    """Whether ``ABDOREG_TEST_FRESH_INTERPRETER`` asks for a fresh interpreter per command."""
+    return os.environ.get(FRESH_VARIABLE, "") not in ("", "0")
+
+
+def popen(cmd: list[str], **kwargs):
+    """``subprocess.Popen``, with ``python -m monai.bundle`` commands forked from a server."""
+    import subprocess
+
+    if list(cmd[1:3]) == ["-m", "monai.bundle"] and not fresh_interpreters():
+        return BundlePopen(cmd, **kwargs)
+    return subprocess.Popen(cmd, **kwargs)
+
+
+def run(cmd: list[str], cwd, env: dict, timeout: float):
+    """``subprocess.run(cmd, cwd=, env=, capture_output=True, text=True, timeout=)`` for a ``python -m
+    monai.bundle`` command, forked from a server."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="bundle-run-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = BundlePopen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(60)
+            raise subprocess.TimeoutExpired(
+                cmd, timeout, out.read_text(errors="replace"), err.read_text(errors="replace")
+            ) from None
+        return subprocess.CompletedProcess(
+            cmd, proc.returncode, out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
 
 
 if __name__ == "__main__":
