@@ -219,6 +219,11 @@ def _close_all() -> None:
             pass
 
 
+def _path(stream) -> str:
+    """The absolute path of a file given as a path or as an open file."""
+    return os.path.abspath(stream if isinstance(stream, (str, os.PathLike)) else stream.name)
+
+
 class BundlePopen:
     """``subprocess.Popen(cmd, cwd=, env=, stdout=, stderr=)`` for a ``python -m monai.bundle ...`` command, run
     as a child of a fork server. ``stdout``: a path or an open file (appended to); ``stderr``: a path, a file,
@@ -237,8 +242,8 @@ class BundlePopen:
             "argv": list(cmd[3:]),
             "cwd": os.path.abspath(cwd or os.getcwd()),
             "env": dict(os.environ if env is None else env),
-            "stdout": str(getattr(stdout, "name", stdout)),
-            "stderr": None if stderr == subprocess.STDOUT else str(getattr(stderr, "name", stderr)),
+            "stdout": _path(stdout),
+            "stderr": None if stderr == subprocess.STDOUT else _path(stderr),
         }
         for stream in (stdout, stderr):
             if hasattr(stream, "flush"):
