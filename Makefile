@@ -26,8 +26,8 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/abdoreg demo
 
 # the core suite (tests/monailabel skips itself there, with its reason), then the MONAI Label app's tests.
-# The core suite runs in TEST_WORKERS pytest-xdist workers (one per core here; tests sharing a module's
-# fixture stay on one worker) and lists its 25 slowest steps. For a quick loop while developing:
+# The core suite runs in TEST_WORKERS pytest-xdist workers (one per core here; each test file on one worker,
+# so that its module fixtures are built once) and lists its 25 slowest steps. For a quick loop while developing:
 #   .venv/bin/python -m pytest -q -m "not slow" tests/<file>.py   (skips the few long end-to-end runs)
 test: test-core test-monailabel
 
@@ -35,7 +35,7 @@ TEST_WORKERS ?= 2
 
 test-core: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # one command for the MONAI Label environment; abdoreg goes in without its dependencies (the tests use
 # abdoreg.synth, whose needs are all there; the core pins would clash with MONAI Label's)

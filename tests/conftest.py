@@ -1,5 +1,5 @@
 """Shared fixtures: tiny synthetic cohorts and their preprocessed datalist (made once per session, also when
-pytest-xdist spreads the tests over several workers), and how the tests are spread over those workers."""
+pytest-xdist spreads the tests over several workers), and the order in which those workers get the files."""
 
 from __future__ import annotations
 
@@ -84,13 +84,18 @@ def tiny_preprocessed(tiny_cohorts, tmp_path_factory) -> Path:
     return session_folder(tmp_path_factory, "preprocessed", build) / "datalist.json"
 
 
+# The modules whose shared fixtures take longest (the tiny pipeline, two segmentation trainings, the export's
+# runs outside the repository): with pytest-xdist (`make test`: `-n 2 --dist loadfile`, each file on one worker,
+# so that a module's fixtures are built once) they are handed out first, so that the workers finish together.
+LONGEST_FIRST = (
+    "tests/tools/test_pipeline.py",
+    "tests/segmentation/test_bundle.py",
+    "tests/tools/test_export.py",
+)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """With pytest-xdist (``-n``, ``--dist loadgroup``): the tests of a module that share one of its
-    module-scoped fixtures (a training, a pipeline run) go to one worker, so that the fixture is built once."""
-    if not config.pluginmanager.hasplugin("xdist") or config.getoption("dist", "no") != "loadgroup":
-        return
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        defs = fixtures.name2fixturedefs.values() if fixtures else []
-        if any(d[-1].scope in ("module", "class") for d in defs if d):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    """Under pytest-xdist, the files of ``LONGEST_FIRST`` first (otherwise in the order collected)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
