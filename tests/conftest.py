@@ -84,9 +84,22 @@ def tiny_preprocessed(tiny_cohorts, tmp_path_factory) -> Path:
     return session_folder(tmp_path_factory, "preprocessed", build) / "datalist.json"
 
 
-# The modules whose shared fixtures take longest (the tiny pipeline, two segmentation trainings, the export's
-# runs outside the repository): with pytest-xdist (`make test`: `-n 2 --dist loadfile`, each file on one worker,
-# so that a module's fixtures are built once) they are handed out first, so that the workers finish together.
+# The end-to-end runs that stay long (several processes, trainings, a whole pipeline), marked `slow` in this one
+# place: `pytest -m "not slow"` is the quick loop while developing; `make test` (and so CI) runs them.
+SLOW = (
+    "tests/tools/test_pipeline.py",  # every stage of the tiny pipeline, and a training killed and resumed
+    "tests/tools/test_register.py",  # `abdoreg register` on raw pairs: the CLI and its bundle process
+    "tests/tools/test_export.py::test_download_offline_load_and_run_outside_the_repository",
+    "tests/tools/test_export.py::test_register_one_pair_with_an_exported_archive",
+    "tests/tools/test_bench_infer.py::test_bench_infer_tiny_default_row",
+    "tests/registration/test_multi_inference.py",  # torchrun, two processes
+    "tests/registration/test_training.py::test_multi_gpu_train_torchrun_gloo",
+    "tests/registration/test_exact_outputs_and_clear_failures.py::test_seeded_syn_run_is_reproducible",
+    "tests/segmentation/test_bundle.py::test_multi_gpu_config_under_torchrun_gloo",
+)
+# The files whose shared fixtures take longest (the tiny pipeline, two segmentation trainings, the export's runs
+# outside the repository): with pytest-xdist (`make test`: `-n 2 --dist loadfile`, each file on one worker, so
+# that a module's fixtures are built once) they are handed out first, so that the workers finish together.
 LONGEST_FIRST = (
     "tests/tools/test_pipeline.py",
     "tests/segmentation/test_bundle.py",
@@ -94,8 +107,19 @@ LONGEST_FIRST = (
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist, the files of ``LONGEST_FIRST`` first (otherwise in the order collected)."""
+    """Mark the tests of ``SLOW`` (an entry that names no test of its file is an error: renamed?); under
+    pytest-xdist, the files of ``LONGEST_FIRST`` first (otherwise in the order collected)."""
+    for entry in SLOW:
+        path, _, name = entry.partition("::")
+        module = next((item.module for item in items if item.nodeid.split("::")[0] == path), None)
+        if module is not None and name and not hasattr(module, name):
+            raise pytest.UsageError(f"tests/conftest.py SLOW names {entry}, which is not a test (renamed?)")
+    for item in items:
+        file, _, rest = item.nodeid.partition("::")
+        if file in SLOW or f"{file}::{rest.split('[')[0]}" in SLOW:
+            item.add_marker(pytest.mark.slow)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         rank = {module: i for i, module in enumerate(LONGEST_FIRST)}
         items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
