@@ -29,6 +29,8 @@ demo: $(VENV)/.installed
 # The core suite runs in TEST_WORKERS pytest-xdist workers (one per core here; each test file on one worker,
 # so that its module fixtures are built once) and lists its 25 slowest steps. For a quick loop while developing:
 #   .venv/bin/python -m pytest -q -m "not slow" tests/<file>.py   (skips the few long end-to-end runs)
+# The tests run each bundle command as a child of a server that imported torch and MONAI once
+# (tests/bundle_server.py); ABDOREG_TEST_FRESH_INTERPRETER=1 starts a fresh interpreter for each instead.
 test: test-core test-monailabel
 
 TEST_WORKERS ?= 2
