@@ -20,10 +20,19 @@ can run at the same time (the pipeline runner's ``jobs``).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import runpy
+import select
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
+import time
+import traceback
+from pathlib import Path
 
 _LOCK = threading.Lock()  # the client's pool of servers
 
@@ -91,27 +100,18 @@ def _child(request: dict, base_path: list[str]) -> None:
         if threads:
             torch.set_num_threads(int(threads))
         numpy.random.seed()  # a fresh interpreter's unseeded numpy differs from run to run; so does this
-        import runpy
-
         try:
             runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as exc:
             code = _exit_code(exc)
         except BaseException:
-            import traceback
-
             traceback.print_exc()
             code = 1
         # what the interpreter does at exit: wait for threads, run atexit (locks are released, logs flushed)
-        import atexit
-        import threading
-
         threading._shutdown()
         atexit._run_exitfuncs()
     except BaseException:
-        import traceback
-
         traceback.print_exc()
     finally:
         for stream in (sys.stdout, sys.stderr):
@@ -144,7 +144,7 @@ def serve() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# client side (the test process): standard library only, imported lazily
+# client side (the test process)
 # ---------------------------------------------------------------------------------------------
 FRESH_VARIABLE = "ABDOREG_TEST_FRESH_INTERPRETER"  # "1": every command in a fresh interpreter (slower)
 
@@ -153,8 +153,6 @@ class _Server:
     """One server process and its answers."""
 
     def __init__(self) -> None:
-        import subprocess
-
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # each command brings its own
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__)],
@@ -169,9 +167,6 @@ class _Server:
 
     def answer(self, key: str, timeout: float | None):
         """The next answer (``key`` of its JSON line); ``TimeoutError`` after ``timeout`` s."""
-        import select
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while b"\n" not in self.buffer:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -196,8 +191,6 @@ _ALL: list[_Server] = []
 
 def _acquire() -> _Server:
     """An idle server of this process, or a new one (the first one registers their shutdown at exit)."""
-    import atexit
-
     with _LOCK:
         while _IDLE:
             server = _IDLE.pop()
@@ -230,8 +223,6 @@ class BundlePopen:
     or ``subprocess.STDOUT``."""
 
     def __init__(self, cmd: list[str], cwd=None, env=None, stdout=None, stderr=None) -> None:
-        import subprocess
-
         if list(cmd[1:3]) != ["-m", "monai.bundle"]:
             raise ValueError(f"not a `python -m monai.bundle` command: {cmd}")
         if stdout is None:
@@ -266,15 +257,11 @@ class BundlePopen:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        import subprocess
-
         if not self._finished(timeout):
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.returncode
 
     def kill(self) -> None:
-        import signal
-
         if self.returncode is None:
             os.kill(self.pid, signal.SIGKILL)
 
@@ -286,8 +273,6 @@ def fresh_interpreters() -> bool:
 
 def popen(cmd: list[str], **kwargs):
     """``subprocess.Popen``, with ``python -m monai.bundle`` commands forked from a server."""
-    import subprocess
-
     if list(cmd[1:3]) == ["-m", "monai.bundle"] and not fresh_interpreters():
         return BundlePopen(cmd, **kwargs)
     return subprocess.Popen(cmd, **kwargs)
@@ -296,10 +281,6 @@ def popen(cmd: list[str], **kwargs):
 def run(cmd: list[str], cwd, env: dict, timeout: float):
     """``subprocess.run(cmd, cwd=, env=, capture_output=True, text=True, timeout=)`` for a ``python -m
     monai.bundle`` command, forked from a server."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="bundle-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         proc = BundlePopen(cmd, cwd=cwd, env=env, stdout=out, stderr=err)
