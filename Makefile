@@ -25,12 +25,19 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/abdoreg demo
 
-# the core suite (tests/monailabel skips itself there, with its reason), then the MONAI Label app's tests
+# the core suite (tests/monailabel skips itself there, with its reason), then the MONAI Label app's tests.
+# The core suite runs in TEST_WORKERS pytest-xdist workers (one per core here; each test file on one worker,
+# so that its module fixtures are built once) and lists its 25 slowest steps. For a quick loop while developing:
+#   .venv/bin/python -m pytest -q -m "not slow" tests/<file>.py   (skips the few long end-to-end runs)
+# The tests run each bundle command as a child of a server that imported torch and MONAI once
+# (tests/bundle_server.py); ABDOREG_TEST_FRESH_INTERPRETER=1 starts a fresh interpreter for each instead.
 test: test-core test-monailabel
+
+TEST_WORKERS ?= 2
 
 test-core: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # one command for the MONAI Label environment; abdoreg goes in without its dependencies (the tests use
 # abdoreg.synth, whose needs are all there; the core pins would clash with MONAI Label's)

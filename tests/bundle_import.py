@@ -65,18 +65,26 @@ def run_bundle(
     check: bool = True,
     nproc: int = 1,
 ):
-    """Run ``python -m monai.bundle <entry>`` for a bundle in a subprocess, as a user would (the command line
-    of ``abdoreg.bundles.bundle_command``: overrides as literals MONAI's CLI parses back; ``nproc > 1`` under
-    ``torchrun --standalone``). Returns the ``subprocess.CompletedProcess`` (stdout and stderr as text)."""
+    """Run ``python -m monai.bundle <entry>`` for a bundle as a user would (the command line of
+    ``abdoreg.bundles.bundle_command``: overrides as literals MONAI's CLI parses back; ``nproc > 1`` under
+    ``torchrun --standalone``). Returns a ``subprocess.CompletedProcess`` (stdout and stderr as text).
+
+    A one-process command is a child of the tests' fork server (``tests/bundle_server.py``): a process of its
+    own, with its exit status, output and global state, without the 5-6 s of ``import monai`` a fresh
+    interpreter pays; ``ABDOREG_TEST_FRESH_INTERPRETER=1`` runs every command in a fresh interpreter instead."""
     import subprocess
 
     from abdoreg.bundles import bundle_command, bundle_env
+    from tests import bundle_server
 
     root = bundle_dir(bundle)
     cmd = bundle_command(root, configs, overrides, entry=entry, nproc=nproc)
     full_env = bundle_env(root)
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if nproc == 1 and not bundle_server.fresh_interpreters():
+        proc = bundle_server.run(cmd, cwd=root, env=full_env, timeout=timeout)
+    else:
+        proc = subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"bundle {bundle} {entry} failed ({proc.returncode}):\n{' '.join(cmd)}\n"

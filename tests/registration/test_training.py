@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -205,13 +206,23 @@ def test_tiny_overfit_lowers_loss(head_type, dice_downsample):
 # ---------------------------------------------------------------------------------------------
 # bundle runs
 # ---------------------------------------------------------------------------------------------
-def test_train_runs_end_to_end_and_resumes(tiny_preprocessed, tmp_path):
+# The one small training the resume and determinism tests share: one epoch, with the timing handler and weight
+# averaging switched on by config.
+TRAINED = {"max_epochs": 1, "ema_momentum": 0.5, "val_at_start": "False"}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_preprocessed, tmp_path_factory):
+    """The folder of the shared training (``TRAINED``, its timing file in ``timing.json``) and its process."""
+    out = tmp_path_factory.mktemp("registration") / "run"
+    return out, _run(tiny_preprocessed, out, timing_file=str(out / "timing.json"), **TRAINED)
+
+
+def test_train_runs_end_to_end_and_resumes(trained, tiny_preprocessed, tmp_path):
     """Train, resume, fine-tune; with the timing handler and weight averaging switched on by config."""
     out = tmp_path / "run"
-    timing = out / "timing.json"
-    first = _run(
-        tiny_preprocessed, out, max_epochs=1, timing_file=str(timing), ema_momentum=0.5, val_at_start="False"
-    )
+    shutil.copytree(trained[0], out)  # the shared training, resumed here
+    timing, first = out / "timing.json", trained[1]
     models = out / "models"
     assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
@@ -262,19 +273,13 @@ def test_train_runs_end_to_end_and_resumes(tiny_preprocessed, tmp_path):
     )
 
 
-def test_a_training_run_twice_gives_the_same_weights(tiny_preprocessed, tmp_path):
+def test_a_training_run_twice_gives_the_same_weights(trained, tiny_preprocessed, tmp_path):
     """Same inputs, same settings, same seed: bit-identical weights; another seed gives other weights (so the
     comparison can fail)."""
-    states = []
-    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        _run(
-            tiny_preprocessed,
-            tmp_path / name,
-            max_epochs=1,
-            pairs_per_epoch=3,
-            seed=seed,
-            val_at_start="False",
-        )
+    states = [torch.load(trained[0] / "models" / "model.pt", map_location="cpu", weights_only=True)]
+    for name, seed in (("b", 0), ("c", 1)):
+        timing = str(tmp_path / name / "timing.json")
+        _run(tiny_preprocessed, tmp_path / name, timing_file=timing, **{**TRAINED, "seed": seed})
         states.append(
             torch.load(tmp_path / name / "models" / "model.pt", map_location="cpu", weights_only=True)
         )

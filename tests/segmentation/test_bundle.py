@@ -182,7 +182,6 @@ def test_verify_net_in_out():
     assert "data shape of network is verified with no error" in _log(proc)
 
 
-@pytest.mark.slow
 def test_multi_gpu_config_under_torchrun_gloo(tiny_preprocessed, tmp_path):
     args = {
         **TRAIN,

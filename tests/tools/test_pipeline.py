@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from abdoreg.pipeline import Runner, load_pipeline
+from abdoreg.pipeline import Runner, dependencies, load_pipeline
+from tests import bundle_server
 from tests.bundle_import import bundle_dir, import_bundle_module
 
 TINY = Path(__file__).resolve().parents[2] / "tools" / "abdoreg" / "pipelines" / "tiny.yaml"
@@ -22,15 +23,20 @@ TINY = Path(__file__).resolve().parents[2] / "tools" / "abdoreg" / "pipelines" /
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """The tiny pipeline, two independent stages at a time (rows in the order the stages finished), each stage's
+    `python -m monai.bundle run` forked from the tests' server (bundle_server.popen)."""
     work = tmp_path_factory.mktemp("pipeline")
-    rows = Runner(TINY, work, echo=lambda _: None).run()
+    rows = Runner(TINY, work, echo=lambda _: None, jobs=2, launch=bundle_server.popen).run()
     return work, rows
 
 
 def test_every_stage_runs_through_monai_bundle(tiny_run):
     work, rows = tiny_run
     _, stages = load_pipeline(TINY, work)
-    assert [r[0] for r in rows] == [s.name for s in stages] and {r[1] for r in rows} == {"done"}
+    finished = [r[0] for r in rows]
+    assert sorted(finished) == sorted(s.name for s in stages) and {r[1] for r in rows} == {"done"}
+    waits = dependencies(stages)  # each stage once, after every stage it reads from
+    assert all(finished.index(d) < finished.index(s) for s in finished for d in waits[s])
     for stage in stages:
         if stage.bundle:
             log = (work / "logs" / f"{stage.name}.log").read_text()

@@ -302,8 +302,12 @@ class Runner:
         extra_vars: dict | None = None,
         echo=print,
         jobs: int | None = None,
+        launch=subprocess.Popen,
     ):
+        """``launch``: how a bundle stage's command starts (``subprocess.Popen``'s signature and result; the
+        tests pass one that forks stages from a server that imported MONAI once)."""
         self.work = Path(work).resolve()
+        self.launch = launch
         self.pipeline = Path(pipeline)
         self.variables, self.stages = load_pipeline(pipeline, self.work, extra_vars)
         jobs = jobs if jobs is not None else read_spec(pipeline)["jobs"]
@@ -490,7 +494,7 @@ class Runner:
         with log.open("w") as fh:
             fh.write(" ".join(shlex.quote(c) for c in cmd) + "\n\n")
             fh.flush()
-            proc = subprocess.Popen(cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            proc = self.launch(cmd, cwd=self.work, env=env, stdout=fh, stderr=subprocess.STDOUT)
             with self._lock:
                 self._children.add(proc)
             try:
