@@ -20,5 +20,6 @@ class PairEvents(EventEnum):
 
 def register_pair_events(engine: Engine) -> None:
     """Let ``engine`` fire ``PairEvents`` (once, whichever handler attaches first)."""
-    if not engine.has_registered_events(PairEvents.PAIRS_READY):
+    registered = getattr(engine, "has_registered_events", None)  # ignite >= 0.5 (MONAI Label's 0.4 has none)
+    if registered is None or not registered(PairEvents.PAIRS_READY):
         engine.register_events(*PairEvents)
