@@ -26,13 +26,28 @@ def synth(
     n_other: int = 3,
     cohorts: str | tuple[str, ...] | None = None,
     seed: int = 0,
+    anatomy: str | None = None,
+    intensity: str = "ct",
 ) -> str:
     """Generate synthetic cohorts in their native layouts (sizes: tiny, demo, small, full; all cohorts
-    unless ``--cohorts l2r,kits,...``)."""
+    unless ``--cohorts l2r,kits,...``; ``flare22`` and ``ircadb`` on request). ``--anatomy DIR``: synthesise
+    the subjects from the real organ label maps in DIR (docs/realdata.md) instead of the phantom, with
+    ``--intensity ct`` (CT-plausible phases), ``random`` (any intensity per tissue) or ``mixed`` (half each)."""
     from .synth import ALL_COHORTS, generate  # torch and the phantom: only for this command
 
     names = ALL_COHORTS if cohorts is None else cohorts.split(",") if isinstance(cohorts, str) else cohorts
-    return str(generate(out, size=size, n_l2r=n_l2r, n_other=n_other, cohorts=tuple(names), seed=seed))
+    return str(
+        generate(
+            out,
+            size=size,
+            n_l2r=n_l2r,
+            n_other=n_other,
+            cohorts=tuple(names),
+            seed=seed,
+            anatomy=anatomy,
+            intensity=intensity,
+        )
+    )
 
 
 _RUN_OPTIONS = ("config", "work", "start", "only", "jobs")

@@ -16,14 +16,15 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from .body import ALL_TISSUES, _tube_mask, draw_body
-from .ct_intensity import PAD_HU, draw_look, render_intensities, scanner
+from .ct_intensity import PAD_HU, Look, draw_look, render_intensities, scanner
 from .noise import fields
 from .phantom import Preset, grid_affine
-from .realmaps import LabelMap, MapPools, canonical_centroids, load_label_map, map_pools
+from .realmaps import LabelMap, MapPools, canonical_centroids, folder_fingerprint, load_label_map, map_pools
 
 INTENSITY_MODES = ("ct", "random", "mixed")
 # Field of view (mm) of the canonical grid a subject is drawn on before the other cohorts' scanners
@@ -53,16 +54,19 @@ def random_affine(rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:
 
 
 def warp_labels(
-    lmap: LabelMap, affine: np.ndarray, shape, rng: np.random.Generator, deformation_mm: float
+    lmap: LabelMap, affine: np.ndarray, shape, rng: np.random.Generator | None, deformation_mm: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The map's organs on the output grid (nearest), placed, moved and deformed; and where the map has data."""
+    """The map's organs on the output grid (nearest), placed, moved and deformed (no move nor deformation
+    without ``rng``); and where the map has data."""
     centre = np.mean(list(canonical_centroids().values()), axis=0)
-    aug = random_affine(rng, centre)
+    aug = random_affine(rng, centre) if rng is not None else np.eye(4)
     place = np.eye(4)
     place[:3, 3] = -lmap.placement()  # canonical -> the map's world
     m = np.linalg.inv(lmap.affine) @ place @ aug  # output world -> map voxel
     spacing = [abs(float(affine[i, i])) for i in range(3)]
-    disp = fields(rng, 3, shape, spacing, 80.0) * deformation_mm
+    disp = (
+        fields(rng, 3, shape, spacing, 80.0) * deformation_mm if rng is not None else np.zeros((3, 1, 1, 1))
+    )
     axes = grid_axes(affine, shape)
     pts = [axes[c].reshape([-1 if d == c else 1 for d in range(3)]) + disp[c] for c in range(3)]
     valid = np.ones(tuple(shape), bool)
@@ -169,6 +173,13 @@ def add_lesions(tissue: np.ndarray, axes, rng: np.random.Generator, kinds: tuple
         tissue[mask] = T[name]
 
 
+class Scan(NamedTuple):
+    tissue: np.ndarray  # uint8: organ ids 1..13, lesion ids, other tissues >= 20, 0 outside the field of view
+    hu: np.ndarray  # float32, -1024 outside the field of view
+    affine: np.ndarray  # RAS
+    look: Look  # the intensities drawn
+
+
 def synthesise(
     lmap: LabelMap,
     affine: np.ndarray,
@@ -176,20 +187,23 @@ def synthesise(
     seed: int,
     intensity: str = "ct",
     lesions: tuple[str, ...] = (),
+    augment: bool = True,
     deformation_mm: tuple[float, float] = (3.0, 8.0),
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One subject from a real map on the grid (``affine``, ``shape``): (tissue ids uint8, HU float32, affine).
+) -> Scan:
+    """One subject from a real map on the grid (``affine``, ``shape``), deterministic for ``seed``.
 
-    Organ voxels carry their organ id (1..13), lesions the phantom's lesion ids, other tissues ids >= 20;
-    outside the field of view the tissue is 0 and the HU -1024.
+    ``augment=False`` leaves out the random affine, the deformation and the random field-of-view cuts: the
+    organs are then the map's, placed on the canonical centroids and resampled (nearest).
     """
     if intensity not in INTENSITY_MODES:
         raise ValueError(f"unknown intensity mode {intensity!r}; choose one of {', '.join(INTENSITY_MODES)}")
     rng = np.random.default_rng(seed)
     mode = intensity if intensity != "mixed" else ("random" if rng.random() < 0.5 else "ct")
     axes = grid_axes(affine, shape)
-    labels, valid = warp_labels(lmap, affine, shape, rng, rng.uniform(*deformation_mm))
-    valid &= random_fov(labels, axes, rng)
+    deformation = rng.uniform(*deformation_mm)
+    labels, valid = warp_labels(lmap, affine, shape, rng if augment else None, deformation)
+    if augment:
+        valid &= random_fov(labels, axes, rng)
     tissue = draw_body(labels, axes, rng)
     vessels = liver_vessels(tissue, axes, rng)
     add_lesions(tissue, axes, rng, tuple(lesions), vessels)
@@ -199,7 +213,7 @@ def synthesise(
     hu = scanner(hu, spacing, look, rng)
     tissue[~valid] = 0
     hu[~valid] = PAD_HU
-    return tissue, hu, affine
+    return Scan(tissue, hu, affine, look)
 
 
 @lru_cache(maxsize=4)
@@ -216,14 +230,26 @@ class AnatomySource:
 
     noise_hu = 0.0
 
-    def __init__(self, folder: str | Path, intensity: str = "ct", include_sets: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        folder: str | Path,
+        intensity: str = "ct",
+        include_sets: tuple[str, ...] = (),
+        record: Path | None = None,
+    ):
         if intensity not in INTENSITY_MODES:
             raise ValueError(
                 f"unknown intensity mode {intensity!r}; choose one of {', '.join(INTENSITY_MODES)}"
             )
         self.folder = Path(folder)
         self.intensity = intensity
-        self.pools: MapPools = map_pools(folder, include_sets)
+        self.fingerprint = folder_fingerprint(folder)
+        known = None
+        if record is not None and record.exists():  # the organs of each map, as read last time
+            old = json.loads(record.read_text())
+            if old.get("fingerprint") == self.fingerprint:
+                known = old.get("organs")
+        self.pools: MapPools = map_pools(folder, include_sets, organs=known)
 
     @property
     def description(self) -> str:
@@ -238,6 +264,8 @@ class AnatomySource:
             "l2r_maps": [p.name for p in self.pools.l2r],
             "other_maps": [p.name for p in self.pools.other],
             "left_out": [list(x) for x in self.pools.left_out],
+            "fingerprint": self.fingerprint,
+            "organs": {name: sorted(ids) for name, ids in self.pools.organs.items()},
         }
 
     def scale(self, preset: Preset) -> float:
@@ -261,7 +289,8 @@ class AnatomySource:
             shape = preset.shape
         affine = grid_affine(preset.spacing, shape)
         lmap = _load(str(self.map_for(role, index)))
-        return synthesise(lmap, affine, shape, sid, self.intensity, tumours)
+        scan = synthesise(lmap, affine, shape, sid, self.intensity, tumours)
+        return scan.tissue, scan.hu, scan.affine
 
 
 def write_record(out: Path, source: AnatomySource) -> None:

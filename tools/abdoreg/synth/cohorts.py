@@ -435,7 +435,7 @@ def generate(
     if anatomy not in (None, ""):
         from .anatomy import AnatomySource, write_record  # the anatomy generator: only when asked for
 
-        source = AnatomySource(anatomy, intensity)
+        source = AnatomySource(anatomy, intensity, record=out / "ANATOMY.json")
         write_record(out, source)
         if source.pools.left_out:
             log("anatomy: left out " + ", ".join(f"{n} ({why})" for n, why in source.pools.left_out))

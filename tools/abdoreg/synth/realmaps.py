@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 N_ORGANS = 13
 TABLE_PATH = Path(__file__).with_name("realdata.json")
@@ -123,18 +122,24 @@ def load_label_map(path: str | Path) -> LabelMap:
         if not np.allclose(labels, np.rint(labels)):
             raise ValueError(f"{path}: label map has non-integer values")
         labels = np.rint(labels)
-    ids = np.unique(labels)
-    if ids.min() < 0 or ids.max() > N_ORGANS:
-        raise ValueError(f"{path}: label ids {ids.tolist()} are outside 0..{N_ORGANS} (the 13-organ scheme)")
+    idx = np.nonzero(labels)  # organ voxels only: a few percent of the map
+    values = np.asarray(labels[idx])
+    if values.size and (values.min() < 0 or values.max() > N_ORGANS):
+        raise ValueError(
+            f"{path}: label ids {np.unique(values).tolist()} are outside 0..{N_ORGANS} (the 13-organ scheme)"
+        )
     labels = labels.astype(np.uint8)
+    values = values.astype(np.int64)
     affine = img.affine.astype(np.float64)
     found = set_of(map_name(path))
     if found and "header_fix" in found[1]:
         affine = flip_axes_affine(affine, labels.shape, found[1]["header_fix"]["flip_axes"])
-    present = [int(i) for i in ids if i > 0]
-    centres = ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, present) if present else []
+    counts = np.bincount(values, minlength=N_ORGANS + 1)
+    sums = [np.bincount(values, weights=i.astype(np.float64), minlength=N_ORGANS + 1) for i in idx]
     centroids = {
-        o: affine[:3, :3] @ np.asarray(c) + affine[:3, 3] for o, c in zip(present, centres, strict=True)
+        o: affine[:3, :3] @ np.array([s[o] / counts[o] for s in sums]) + affine[:3, 3]
+        for o in range(1, N_ORGANS + 1)
+        if counts[o]
     }
     check_sides(str(path), centroids)
     return LabelMap(map_name(path), labels, affine, centroids)
@@ -153,25 +158,39 @@ class MapPools:
     l2r: tuple[Path, ...]
     other: tuple[Path, ...]
     left_out: tuple[tuple[str, str], ...]  # (file name, reason)
+    organs: dict[str, frozenset[int]]  # organ ids of each usable map, by file name
 
 
 def _organs_in(path: Path) -> set[int]:
     labels = np.asanyarray(nib.load(path).dataobj)
-    return {int(i) for i in np.unique(labels) if 0 < i <= N_ORGANS}
+    return {int(i) for i in np.unique(labels[labels > 0]) if i <= N_ORGANS}
 
 
-def map_pools(folder: str | Path, include_sets: tuple[str, ...] = ()) -> MapPools:
-    """Sort the label maps of ``folder`` into pools (``include_sets`` lets in sets the table keeps out)."""
-    folder = Path(folder)
+def _map_paths(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"anatomy folder {folder} does not exist (expected real organ label maps, *.nii.gz)"
         )
-    table = realdata_table()
     paths = sorted(p for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")))
     if not paths:
         raise FileNotFoundError(f"no label maps (*.nii.gz) in {folder}")
-    usable, complete, left_out = [], [], []
+    return paths
+
+
+def folder_fingerprint(folder: str | Path) -> list[list]:
+    """Name, size and modification time of each map: pools recorded for the same fingerprint are reused."""
+    return [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in _map_paths(Path(folder))]
+
+
+def map_pools(
+    folder: str | Path, include_sets: tuple[str, ...] = (), organs: dict[str, list[int]] | None = None
+) -> MapPools:
+    """Sort the label maps of ``folder`` into pools (``include_sets`` lets in sets the table keeps out;
+    ``organs``: the organ ids of each map by file name, when already known)."""
+    folder = Path(folder)
+    table = realdata_table()
+    paths = _map_paths(folder)
+    usable, complete, left_out, found_organs = [], [], [], {}
     for p in paths:
         name = map_name(p)
         found = set_of(name)
@@ -182,7 +201,9 @@ def map_pools(folder: str | Path, include_sets: tuple[str, ...] = ()) -> MapPool
             left_out.append((p.name, found[1].get("why_not_training", "kept out by realdata.json")))
             continue
         usable.append(p)
-        if set(CORE_ORGANS) <= _organs_in(p):
+        present = set(organs[p.name]) if organs and p.name in organs else _organs_in(p)
+        found_organs[p.name] = frozenset(present)
+        if set(CORE_ORGANS) <= present:
             complete.append(p)
     if not complete:
         raise ValueError(
@@ -192,4 +213,4 @@ def map_pools(folder: str | Path, include_sets: tuple[str, ...] = ()) -> MapPool
     validation = complete[::3] if len(complete) >= 3 else complete
     l2r = [p for p in complete if p not in validation] or complete
     other = [p for p in usable if p not in validation] or usable
-    return MapPools(tuple(validation), tuple(l2r), tuple(other), tuple(left_out))
+    return MapPools(tuple(validation), tuple(l2r), tuple(other), tuple(left_out), found_organs)
