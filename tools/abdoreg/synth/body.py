@@ -297,18 +297,18 @@ def _ribs(tissue, labels, body, depth, wall, axes, sx, sy, cy, radii, rng) -> No
     upper = np.nonzero(np.isin(labels, (1, 6)))
     if not len(upper[2]):
         return
-    z_bottom = float(zs[upper[2]].min()) + rng.uniform(0, 40)
+    z_bottom = float(zs[upper[2]].min()) + rng.uniform(20, 60)  # the lowest ribs end beside the kidneys
     shp = (1, 1, -1)
     cx, cys = sx.reshape(shp), cy.reshape(shp)
     period, thick, slope, phase = (
         rng.uniform(30, 40),
-        rng.uniform(8, 12),
+        rng.uniform(6, 9),
         rng.uniform(0.3, 0.7),
         rng.uniform(0, 40),
     )
     zp = Z + slope * (Y - sy.reshape(shp))
     band = ((zp - phase) % period) < thick
-    in_wall = (depth > -4.0) & (depth < wall + 4.0)
+    in_wall = (depth > -2.0) & (depth < wall + 2.0)
     not_front = ~((np.abs(X - cx) < 0.35 * np.minimum(radii[0], radii[1])) & (Y > cys))
     ribs = body & band & in_wall & not_front & (zp > z_bottom)
     tissue[ribs & (labels == 0)] = T["rib"]

@@ -437,8 +437,11 @@ def generate(
 
         source = AnatomySource(anatomy, intensity, record=out / "ANATOMY.json")
         write_record(out, source)
-        if source.pools.left_out:
-            log("anatomy: left out " + ", ".join(f"{n} ({why})" for n, why in source.pools.left_out))
+        reasons: dict[str, list[str]] = {}
+        for name, why in source.pools.left_out:
+            reasons.setdefault(why, []).append(name)
+        for why, files in reasons.items():
+            log(f"anatomy: left out {', '.join(files)}: {why}")
     elif intensity != "ct":
         raise ValueError(
             f"intensity {intensity!r} needs real label maps (anatomy=...); the phantom has its own"
