@@ -81,14 +81,15 @@ def warp_labels(
 
 
 def random_fov(labels: np.ndarray, axes, rng: np.random.Generator) -> np.ndarray:
-    """Where the scanner saw: a random cranio-caudal range around the organs (half of the scans) and a
-    reconstruction circle that may cut the sides (a quarter)."""
+    """Where the scanner saw: a random cranio-caudal range around the organs (half of the scans: from the
+    kidneys' lower poles to the pelvis, from the organs' top to the chest) and a reconstruction circle that may
+    cut the sides (a quarter)."""
     keep = np.ones(labels.shape, bool)
     xs, ys, zs = axes
     organ_z = np.nonzero(labels.any(axis=(0, 1)))[0]
     if len(organ_z) and rng.random() < 0.5:
-        lo = zs[organ_z.min()] + rng.uniform(-80.0, 30.0)
-        hi = zs[organ_z.max()] + rng.uniform(-30.0, 60.0)
+        lo = zs[organ_z.min()] + rng.uniform(-200.0, 20.0)  # from the kidneys' lower poles to the pelvis
+        hi = zs[organ_z.max()] + rng.uniform(-40.0, 100.0)
         keep &= ((zs >= lo) & (zs <= hi))[None, None, :]
     if rng.random() < 0.25:
         i, j, _ = np.nonzero(labels[:, :, :: max(1, labels.shape[2] // 16)])

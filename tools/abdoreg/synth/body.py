@@ -233,9 +233,13 @@ def _bowel_mixture(tissue, labels, cavity, depth, axes, sy, rng) -> None:
     i, j, k = np.nonzero(free)
     y, z, inside = ys[j], zs[k], -depth[i, j, k]  # mm inside the cavity wall
     y_spine = sy[k]
-    colon = np.exp(-(((inside - 30.0) / 25.0) ** 2)) * (z < z_liver - 10.0) * (y > y_spine + 10.0)
-    bowel = (1.0 / (1.0 + np.exp(-(z_mid - z) / 15.0))) * (inside > 35.0) * (y > y_spine + 15.0)
-    fat = 0.35 + 0.8 * (y < y_spine + 45.0) + 0.5 * (z > z_liver)
+
+    def step(v):  # a smooth step over ~15 mm: no straight edges between the priors
+        return 1.0 / (1.0 + np.exp(-v / 8.0))
+
+    colon = np.exp(-(((inside - 30.0) / 25.0) ** 2)) * step(z_liver - 10.0 - z) * step(y - y_spine - 10.0)
+    bowel = step(z_mid + 20.0 - z) * step(inside - 30.0) * step(y - y_spine - 15.0)
+    fat = 0.2 + 0.8 * step(y_spine + 30.0 - y) + 0.5 * step(z - z_liver)
     w = rng.uniform(1.4, 2.2), rng.uniform(1.2, 2.0), rng.uniform(0.8, 1.4)
     score = np.stack(
         [
