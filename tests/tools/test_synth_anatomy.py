@@ -264,3 +264,22 @@ def test_real_maps_sides_pools_and_one_scan():
     grid = grid_affine(TINY.spacing, TINY.shape)
     scan = synthesise(load_label_map(folder / "l2rabdct_0001.nii.gz"), grid, TINY.shape, seed=0)
     assert _centroid_x(scan.tissue, grid, 6) > _centroid_x(scan.tissue, grid, 1)
+
+
+def test_the_cli_and_the_pipeline_step_pass_the_anatomy_on(maps, tmp_path):
+    from abdoreg import cli, steps
+
+    out = cli.synth(
+        out=str(tmp_path / "cli"), size="tiny", n_l2r=3, cohorts="l2r", anatomy=str(maps), intensity="random"
+    )
+    assert json.loads((Path(out) / "ANATOMY.json").read_text())["intensity"] == "random"
+    steps.synth(
+        lambda _: None,
+        str(tmp_path / "step"),
+        size="tiny",
+        n_l2r="3",
+        cohorts="l2r,ircadb",
+        anatomy=str(maps),
+    )
+    assert (tmp_path / "step" / "IRCADb" / "labels" / "ircadb_03.nii.gz").exists()
+    assert json.loads((tmp_path / "step" / "ANATOMY.json").read_text())["anatomy"] == str(maps.resolve())
