@@ -169,7 +169,37 @@ def draw_body(labels: np.ndarray, axes, rng: np.random.Generator) -> np.ndarray:
     _iliac_vessels(tissue, labels, cavity, axes, rng)
     _table(tissue, body, axes, sx, rng)
     tissue[organ] = labels[organ]
+    _portal_vein(tissue, labels, cavity, axes, rng)
     return tissue
+
+
+def _portal_vein(tissue, labels, cavity, axes, rng) -> None:
+    """Maps without the portal and splenic vein (FLARE22 annotates none): draw one where it runs, from the splenic
+    hilum along the back of the pancreas to the confluence behind its neck, then up and right to the liver's hilum.
+    It gets the vein's id, so it is labelled wherever a cohort annotates that vein (maps without it never feed
+    such a cohort, see ``realmaps.MapPools``)."""
+    if (labels == 10).any() or not all((labels == o).any() for o in (1, 6, 11)):
+        return
+    xs, ys, zs = (np.asarray(a, np.float32) for a in axes)
+
+    def world(mask):
+        i, j, k = np.nonzero(mask)
+        return np.stack([xs[i], ys[j], zs[k]], 1)
+
+    pancreas, spleen, liver = world(labels == 11), world(labels == 1), world(labels == 6)
+    order = np.argsort(pancreas[:, 0])  # from the tail (patient's left, -x) to the head
+    bins = np.array_split(pancreas[order], 4)
+    path = [spleen[np.argmin(((spleen - bins[0].mean(0)) ** 2).sum(1))]]
+    for b in bins[:3]:  # behind the tail, the body and the neck
+        c = b.mean(0)
+        path.append(np.array([c[0], b[:, 1].min() - rng.uniform(2.0, 6.0), c[2]]))
+    confluence = path[-1]
+    hilum = liver[np.argmin(((liver - (confluence + [30.0, 10.0, 40.0])) ** 2).sum(1))]
+    path.append(hilum)
+    splenic = _tube_mask(labels.shape, (xs, ys, zs), np.stack(path[:-1]), rng.uniform(3.5, 5.0))
+    portal = _tube_mask(labels.shape, (xs, ys, zs), np.stack(path[-2:]), rng.uniform(5.0, 7.0))
+    free = cavity & (labels == 0)
+    tissue[(splenic | portal) & free] = 10
 
 
 def _lungs_and_heart(tissue, labels, cavity, axes, sx, sy, cy, rng) -> None:
