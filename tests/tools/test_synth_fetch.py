@@ -188,3 +188,14 @@ def test_the_table_pins_every_source():
         assert len(src["commit"]) == 40 and src["ids"], key
         assert entry["redistributable"] is False, f"{key}: nothing of these sets is shipped"
     assert json.dumps(TABLE["ct"]).count('"commit"') == 2
+
+
+def test_the_flare22_cohort_table_agrees_with_the_conversion():
+    """FLARE22's ids are written once in realdata.json; the preprocessing bundle's cohort table must say the same."""
+    from tests.bundle_import import REPO
+
+    configs = REPO / "bundles" / "preprocessing" / "configs"
+    organs = json.loads((configs / "organs.json").read_text())
+    table = json.loads((configs / "cohorts" / "flare22.json").read_text())["labels"]
+    id_map = TABLE["sets"]["flare22"]["source"]["id_map"]
+    assert {k: (organs[str(v)] if v else None) for k, v in id_map.items()} == table

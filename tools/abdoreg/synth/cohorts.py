@@ -25,6 +25,7 @@ import numpy as np
 from ..atomic import atomic_write, atomic_write_text
 from .dicom import write_dicom_series
 from .phantom import ORGANS, PRESETS, TISSUE_IDS, Preset, acquire, render, sample_subject
+from .realmaps import realdata_table
 
 L2R_LABEL_NAMES = {
     0: "background",
@@ -110,6 +111,7 @@ COHORTS: dict[str, Cohort] = {
         },
     ),
 }
+_ORGAN_NAMES = {oid: name for name, oid in ORGANS.items()}
 # Cohorts beyond the phantom's default set (written when named): FLARE22-like (12 organs, no portal/splenic vein;
 # MSD-style folder) and 3D-IRCADb-like (liver and gallbladder; 13-organ ids in images/ and labels/).
 EXTRA_COHORTS: dict[str, Cohort] = {
@@ -118,20 +120,9 @@ EXTRA_COHORTS: dict[str, Cohort] = {
         (0.8, 0.8, 2.5),
         (400, 400, 250),
         "RAS",
-        {
-            1: ("liver",),
-            2: ("right_kidney",),
-            3: ("spleen",),
-            4: ("pancreas",),
-            5: ("aorta",),
-            6: ("ivc",),
-            7: ("right_adrenal",),
-            8: ("left_adrenal",),
-            9: ("gallbladder",),
-            10: ("esophagus",),
-            11: ("stomach",),
-            12: ("duodenum",),
-            13: ("left_kidney",),
+        {  # FLARE22's ids (the conversion table of realdata.json); its 12, the duodenum, is none of the 13 organs
+            int(fid): (_ORGAN_NAMES[oid],) if oid else ("duodenum",)
+            for fid, oid in realdata_table()["sets"]["flare22"]["source"]["id_map"].items()
         },
     ),
     "ircadb": Cohort(
