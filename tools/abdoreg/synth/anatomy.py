@@ -290,7 +290,9 @@ class AnatomySource:
             shape = preset.shape
         affine = grid_affine(preset.spacing, shape)
         lmap = _load(str(self.map_for(role, index)))
-        scan = synthesise(lmap, affine, shape, sid, self.intensity, tumours)
+        # the validation scans stand in for real CT pairs: CT-plausible intensities whatever the training scans get
+        intensity = "ct" if role == "l2r_validation" else self.intensity
+        scan = synthesise(lmap, affine, shape, sid, intensity, tumours)
         return scan.tissue, scan.hu, scan.affine
 
 
