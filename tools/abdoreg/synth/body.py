@@ -214,16 +214,15 @@ def _lungs_and_heart(tissue, labels, cavity, axes, sx, sy, cy, rng) -> None:
     has = upper.any(axis=2)
     top = np.where(has, zs[top_idx], 0.0).astype(np.float32)
     sxy = abs(float(xs[1] - xs[0])) if len(xs) > 1 else 2.0
-    sigma = 30.0 / sxy
-    w = ndimage.gaussian_filter(has.astype(np.float32), sigma)
-    dome = ndimage.gaussian_filter(ndimage.grey_dilation(top * has, size=max(1, int(40 / sxy))), sigma)
-    wd = ndimage.gaussian_filter(
-        ndimage.grey_dilation(has.astype(np.float32), size=max(1, int(40 / sxy))), sigma
-    )
-    surface = np.where(wd > 0.05, dome / np.maximum(wd, 1e-6), float(np.mean(top[has])))
-    surface = np.maximum(surface, np.where(has, top, -np.inf)) + rng.uniform(3.0, 8.0)
+    sigma, size = 15.0 / sxy, max(1, int(10 / sxy))
+    # the organs' upper surface; where no organ lies below, spread from them (grey dilation, normalised convolution)
+    near = ndimage.binary_dilation(has, np.ones((size, size), bool))
+    spread = np.where(near, ndimage.grey_dilation(np.where(has, top, -1e4), size=size), 0.0)
+    weight = ndimage.gaussian_filter(near.astype(np.float32), sigma)
+    dome = ndimage.gaussian_filter(spread.astype(np.float32), sigma)
+    surface = np.where(weight > 0.05, dome / np.maximum(weight, 1e-6), float(np.mean(top[has])))
+    surface = np.where(has, top, surface) + rng.uniform(3.0, 6.0)  # the diaphragm lies on the organs
     above = Z > surface[:, :, None]
-    del w
     thorax = cavity & above
     mid = sx.reshape(1, 1, -1)
     mediastinum = thorax & (np.abs(X - mid) < rng.uniform(30, 45)) & (Y > sy.reshape(1, 1, -1))
