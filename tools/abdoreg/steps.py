@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_write, atomic_write_text
-from .synth import generate
+from .synth import ALL_COHORTS, generate
 
 COLUMNS = [
     ("dice", "DSC", "{:.3f}"),
@@ -32,10 +32,30 @@ ALPHA = 0.05
 
 
 def synth(
-    log: Callable[[str], None], out: str, size: str = "tiny", n_l2r: int = 9, n_other: int = 3, seed: int = 0
+    log: Callable[[str], None],
+    out: str,
+    size: str = "tiny",
+    n_l2r: int = 9,
+    n_other: int = 3,
+    seed: int = 0,
+    cohorts: str = "",
+    anatomy: str = "",
+    intensity: str = "ct",
 ) -> None:
-    """Synthetic cohorts (pipeline variables arrive as text: the counts are read as integers)."""
-    generate(out, size=size, n_l2r=int(n_l2r), n_other=int(n_other), seed=int(seed), log=log)
+    """Synthetic cohorts (pipeline variables arrive as text: the counts are read as integers; ``cohorts`` a
+    comma-separated list, "" for the default set; ``anatomy`` "" for the phantom, else a folder of real maps)."""
+    names = tuple(c for c in str(cohorts).split(",") if c) if cohorts else ALL_COHORTS
+    generate(
+        out,
+        size=size,
+        n_l2r=int(n_l2r),
+        n_other=int(n_other),
+        cohorts=names,
+        seed=int(seed),
+        log=log,
+        anatomy=anatomy or None,
+        intensity=intensity,
+    )
 
 
 def dice_by_pair(metrics: dict) -> dict[tuple[str, str], float]:

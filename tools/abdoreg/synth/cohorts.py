@@ -4,6 +4,10 @@ The Learn2Reg cohort is drawn on the canonical grid (already 2 mm, 192x160x256 a
 size). The other cohorts are "acquired" from their own subjects with anisotropic spacing,
 other orientations (RAS, LPS, axis-permuted KiTS-like), other fields of view and table
 positions, so that preprocessing has real work to do.
+
+The subjects come from a source: the phantom (``PhantomSource``, the default) or real organ
+label maps (``anatomy.AnatomySource``, ``generate(anatomy=...)``); every layout is written the
+same way from either.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
+from typing import Protocol
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +25,7 @@ import numpy as np
 from ..atomic import atomic_write, atomic_write_text
 from .dicom import write_dicom_series
 from .phantom import ORGANS, PRESETS, TISSUE_IDS, Preset, acquire, render, sample_subject
+from .realmaps import realdata_table
 
 L2R_LABEL_NAMES = {
     0: "background",
@@ -105,6 +111,24 @@ COHORTS: dict[str, Cohort] = {
         },
     ),
 }
+_ORGAN_NAMES = {oid: name for name, oid in ORGANS.items()}
+# Cohorts beyond the phantom's default set (written when named): FLARE22-like (12 organs, no portal/splenic vein;
+# MSD-style folder) and 3D-IRCADb-like (liver and gallbladder; 13-organ ids in images/ and labels/).
+EXTRA_COHORTS: dict[str, Cohort] = {
+    "flare22": Cohort(
+        "flare22",
+        (0.8, 0.8, 2.5),
+        (400, 400, 250),
+        "RAS",
+        {  # FLARE22's ids (the conversion table of realdata.json); its 12, the duodenum, is none of the 13 organs
+            int(fid): (_ORGAN_NAMES[oid],) if oid else ("duodenum",)
+            for fid, oid in realdata_table()["sets"]["flare22"]["source"]["id_map"].items()
+        },
+    ),
+    "ircadb": Cohort(
+        "ircadb", (0.75, 0.75, 1.6), (380, 380, 200), "LPS", {4: ("gallbladder",), 6: ("liver",)}
+    ),
+}
 MSD_TASKS = {
     "msd_liver": ("Task03_Liver", "liver", {"0": "background", "1": "liver", "2": "cancer"}),
     "msd_pancreas": ("Task07_Pancreas", "pancreas", {"0": "background", "1": "pancreas", "2": "cancer"}),
@@ -117,6 +141,52 @@ MSD_TASKS = {
     "msd_colon": ("Task10_Colon", "colon", {"0": "background", "1": "colon cancer primaries"}),
 }
 ALL_COHORTS = ("l2r", *COHORTS)
+KNOWN_COHORTS = (*ALL_COHORTS, *EXTRA_COHORTS)
+SEED_BASE = {
+    "msd_liver": 1,
+    "msd_pancreas": 2,
+    "msd_hepaticvessel": 3,
+    "msd_spleen": 4,
+    "msd_colon": 5,
+    "kits": 6,
+    "tcia_pancreas": 7,
+    "flare22": 8,
+    "ircadb": 9,
+}
+
+
+class SubjectSource(Protocol):
+    """Where the subjects of the cohorts come from (the phantom, or real label maps)."""
+
+    noise_hu: float  # the scanner noise the cohort writers add (0: the subjects carry their own)
+    description: str
+
+    def scale(self, preset: Preset) -> float: ...
+
+    def subject(
+        self, sid: int, preset: Preset, role: str, index: int, tumours: tuple[str, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tissue ids, noiseless HU, RAS affine) on the preset's canonical grid; ``role`` is
+        ``l2r_validation``, ``l2r_training`` or ``native`` (the other cohorts), ``index`` the scan's number."""
+        ...
+
+
+class PhantomSource:
+    """The phantom's subjects (``phantom.py``), scaled to the preset's field of view."""
+
+    noise_hu = 12.0
+    description = "Synthetic phantom"
+
+    def scale(self, preset: Preset) -> float:
+        return preset.scale
+
+    def subject(
+        self, sid: int, preset: Preset, role: str, index: int, tumours: tuple[str, ...] = ()
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return render(sample_subject(sid, preset.scale, tumours), preset)
+
+
+PHANTOM = PhantomSource()
 
 
 def _atomic_save_nifti(img: nib.Nifti1Image, path: Path) -> None:
@@ -160,10 +230,19 @@ def l2r_validation_ids(n: int) -> list[int]:
     return [i for i in range(1, min(n, 28) + 1) if (i - 1) % 3 == 0]
 
 
-def write_l2r(root: Path, n: int, preset: Preset, seed: int, log: Callable[[str], None]) -> None:
+def write_l2r(
+    root: Path,
+    n: int,
+    preset: Preset,
+    seed: int,
+    log: Callable[[str], None],
+    source: SubjectSource = PHANTOM,
+) -> None:
     """Learn2Reg AbdomenCTCT: imagesTr/labelsTr and AbdomenCTCT_dataset.json."""
     root = root / "AbdomenCTCT"
     lut = native_lut({oid: (name,) for name, oid in ORGANS.items()})
+    val = l2r_validation_ids(n)
+    train_ids = [i for i in range(1, n + 1) if i not in val]
     training = []
     for i in range(1, n + 1):
         name = f"AbdomenCTCT_{i:04d}_0000.nii.gz"
@@ -172,12 +251,12 @@ def write_l2r(root: Path, n: int, preset: Preset, seed: int, log: Callable[[str]
         if img_path.exists() and lab_path.exists():
             continue
         sid = seed * 100_000 + i
-        tissue, hu, aff = render(sample_subject(sid, preset.scale), preset)
-        img, tis = acquire(tissue, hu, aff, aff, preset.shape, sid)
+        role, index = ("l2r_validation", val.index(i)) if i in val else ("l2r_training", train_ids.index(i))
+        tissue, hu, aff = source.subject(sid, preset, role, index)
+        img, tis = acquire(tissue, hu, aff, aff, preset.shape, sid, noise_hu=source.noise_hu)
         _atomic_save_nifti(_nifti(lut[tis], aff), lab_path)
         _atomic_save_nifti(_nifti(img, aff), img_path)
         log(f"l2r {name}")
-    val = l2r_validation_ids(n)
     pairs = [
         {
             "fixed": f"./imagesTr/AbdomenCTCT_{f:04d}_0000.nii.gz",
@@ -188,7 +267,7 @@ def write_l2r(root: Path, n: int, preset: Preset, seed: int, log: Callable[[str]
     _atomic_write_json(
         {
             "name": "AbdomenCTCT",
-            "description": "Synthetic phantom in the Learn2Reg AbdomenCTCT layout",
+            "description": f"{source.description} in the Learn2Reg AbdomenCTCT layout",
             "tensorImageSize": {"0": "3D"},
             "tensorImageShape": {"0": list(preset.shape)},
             "modality": {"0": "CT"},
@@ -202,18 +281,20 @@ def write_l2r(root: Path, n: int, preset: Preset, seed: int, log: Callable[[str]
     )
 
 
-def _acquire_native(cohort: Cohort, sid: int, preset: Preset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A subject of ``cohort`` scanned with the cohort's geometry (scaled like the preset)."""
+def _acquire_native(
+    cohort: Cohort, sid: int, preset: Preset, source: SubjectSource = PHANTOM, index: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A subject of ``cohort`` scanned with the cohort's geometry (scaled like the source's anatomy)."""
     rng = np.random.default_rng(sid + 31)
-    s, r = preset.scale, preset.spacing / 2.0  # anatomy scale, resolution factor w.r.t. full size
+    s, r = source.scale(preset), preset.spacing / 2.0  # anatomy scale, resolution factor w.r.t. full size
     spacing = np.asarray(cohort.spacing) * r
     shape = tuple(int(round(f * s / sp)) for f, sp in zip(cohort.fov, spacing, strict=True))
     center = (
         np.array([rng.normal(0, 15), rng.normal(0, 15), 60 + rng.normal(0, 30)]) * s
     )  # table position, FOV
     dst = native_affine(cohort.axcodes, spacing, shape, center)
-    tissue, hu, aff = render(sample_subject(sid, s, cohort.tumours), preset)
-    img, tis = acquire(tissue, hu, aff, dst, shape, sid)
+    tissue, hu, aff = source.subject(sid, preset, "native", index, cohort.tumours)
+    img, tis = acquire(tissue, hu, aff, dst, shape, sid, noise_hu=source.noise_hu)
     # The scanner's world frame differs from the phantom's (table height and position): shift the affine.
     table = np.eye(4)
     table[:3, 3] = np.array([rng.normal(0, 30), rng.normal(0, 30) + 40, rng.uniform(-300, 300)]) * s
@@ -221,20 +302,24 @@ def _acquire_native(cohort: Cohort, sid: int, preset: Preset) -> tuple[np.ndarra
 
 
 def write_cohort(
-    name: str, root: Path, n: int, preset: Preset, seed: int, log: Callable[[str], None]
+    name: str,
+    root: Path,
+    n: int,
+    preset: Preset,
+    seed: int,
+    log: Callable[[str], None],
+    source: SubjectSource = PHANTOM,
 ) -> None:
     """One non-L2R cohort in its native layout."""
-    cohort = COHORTS[name]
-    base = {
-        "msd_liver": 1,
-        "msd_pancreas": 2,
-        "msd_hepaticvessel": 3,
-        "msd_spleen": 4,
-        "msd_colon": 5,
-        "kits": 6,
-        "tcia_pancreas": 7,
-    }[name]
+    if name not in SEED_BASE:
+        raise ValueError(f"unknown cohort {name!r}; known: {', '.join(KNOWN_COHORTS)}")
+    cohort = {**COHORTS, **EXTRA_COHORTS}[name]
+    base = SEED_BASE[name]
     ids = [seed * 100_000 + base * 1000 + i for i in range(n)]
+
+    def scan(i: int, sid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _acquire_native(cohort, sid, preset, source, index=7 * base + i)
+
     if name in MSD_TASKS:
         task, prefix, labels = MSD_TASKS[name]
         d = root / task
@@ -244,7 +329,7 @@ def write_cohort(
             training.append({"image": f"./imagesTr/{fname}", "label": f"./labelsTr/{fname}"})
             if (d / "imagesTr" / fname).exists() and (d / "labelsTr" / fname).exists():
                 continue
-            img, lab, aff = _acquire_native(cohort, sid, preset)
+            img, lab, aff = scan(i, sid)
             _atomic_save_nifti(_nifti(lab, aff), d / "labelsTr" / fname)
             _atomic_save_nifti(_nifti(img, aff), d / "imagesTr" / fname)
             log(f"{name} {fname}")
@@ -264,7 +349,7 @@ def write_cohort(
             case = root / "kits19" / "data" / f"case_{i:05d}"
             if (case / "imaging.nii.gz").exists() and (case / "segmentation.nii.gz").exists():
                 continue
-            img, lab, aff = _acquire_native(cohort, sid, preset)
+            img, lab, aff = scan(i, sid)
             _atomic_save_nifti(_nifti(lab, aff), case / "segmentation.nii.gz")
             _atomic_save_nifti(_nifti(img.astype(np.float32), aff), case / "imaging.nii.gz")
             log(f"kits case_{i:05d}")
@@ -274,12 +359,43 @@ def write_cohort(
             label = root / "TCIA_multiorgan_labels" / f"label{i:04d}.nii.gz"
             if label.exists() and series.exists():
                 continue
-            img, lab, aff = _acquire_native(cohort, sid, preset)
+            img, lab, aff = scan(i, sid)
             write_dicom_series(img, aff, series, patient_id=f"PANCREAS_{i:04d}", seed=sid)
             _atomic_save_nifti(_nifti(lab, aff), label)
             log(f"tcia PANCREAS_{i:04d}")
-    else:
-        raise ValueError(f"unknown cohort {name!r}; known: {', '.join(ALL_COHORTS)}")
+    elif name == "flare22":
+        d = root / "FLARE22"
+        training = []
+        for i, sid in enumerate(ids, start=1):
+            img_name, lab_name = f"FLARE22_Tr_{i:04d}_0000.nii.gz", f"FLARE22_Tr_{i:04d}.nii.gz"
+            training.append({"image": f"./imagesTr/{img_name}", "label": f"./labelsTr/{lab_name}"})
+            if (d / "imagesTr" / img_name).exists() and (d / "labelsTr" / lab_name).exists():
+                continue
+            img, lab, aff = scan(i - 1, sid)
+            _atomic_save_nifti(_nifti(lab, aff), d / "labelsTr" / lab_name)
+            _atomic_save_nifti(_nifti(img, aff), d / "imagesTr" / img_name)
+            log(f"flare22 {img_name}")
+        labels = {"0": "background", **{str(k): "/".join(v) for k, v in cohort.native_labels.items()}}
+        _atomic_write_json(
+            {
+                "name": "FLARE22",
+                "modality": {"0": "CT"},
+                "labels": labels,
+                "numTraining": n,
+                "training": training,
+            },
+            d / "dataset.json",
+        )
+    elif name == "ircadb":
+        for i, sid in enumerate(ids, start=1):
+            fname = f"ircadb_{i:02d}.nii.gz"
+            img_path, lab_path = root / "IRCADb" / "images" / fname, root / "IRCADb" / "labels" / fname
+            if img_path.exists() and lab_path.exists():
+                continue
+            img, lab, aff = scan(i - 1, sid)
+            _atomic_save_nifti(_nifti(lab, aff), lab_path)
+            _atomic_save_nifti(_nifti(img, aff), img_path)
+            log(f"ircadb {fname}")
 
 
 def generate(
@@ -290,16 +406,44 @@ def generate(
     cohorts: tuple[str, ...] | list[str] | str = ALL_COHORTS,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    anatomy: str | Path | None = None,
+    intensity: str = "ct",
 ) -> Path:
-    """Generate the synthetic cohorts under ``out_dir`` (existing cases are kept)."""
+    """Generate the synthetic cohorts under ``out_dir`` (existing cases are kept).
+
+    ``anatomy``: a folder of real organ label maps to synthesise the subjects from (``anatomy.py``; intensity
+    mode ``ct``, ``random`` or ``mixed``) instead of the phantom.
+    """
     if size not in PRESETS:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[size]
     out = Path(out_dir)
     names = [cohorts] if isinstance(cohorts, str) else list(cohorts)
+    unknown = [c for c in names if c not in KNOWN_COHORTS]
+    if unknown:
+        raise ValueError(f"unknown cohort {unknown[0]!r}; known: {', '.join(KNOWN_COHORTS)}")
+    source: SubjectSource = PHANTOM
+    if anatomy not in (None, ""):
+        from .anatomy import AnatomySource, write_record  # the anatomy generator: only when asked for
+
+        source = AnatomySource(anatomy, intensity, record=out / "ANATOMY.json")
+        write_record(out, source)
+        reasons: dict[str, list[str]] = {}
+        for name, why in source.pools.left_out:
+            reasons.setdefault(why, []).append(name)
+        for why, files in reasons.items():
+            log(f"anatomy: left out {', '.join(files)}: {why}")
+    elif intensity != "ct":
+        raise ValueError(
+            f"intensity {intensity!r} needs real label maps (anatomy=...); the phantom has its own"
+        )
+    elif (out / "ANATOMY.json").exists():
+        raise ValueError(
+            f"{out} holds cohorts synthesised from real label maps (ANATOMY.json); use another folder"
+        )
     for name in names:
         if name == "l2r":
-            write_l2r(out, n_l2r, preset, seed, log)
+            write_l2r(out, n_l2r, preset, seed, log, source)
         else:
-            write_cohort(name, out, n_other, preset, seed, log)
+            write_cohort(name, out, n_other, preset, seed, log, source)
     return out
