@@ -136,7 +136,7 @@ def test_inference_without_a_checkpoint_builds_the_recommended_network(tmp_path)
 @pytest.mark.parametrize("recipe", [["train.json"], ["train.json", "fast_train.json"]])
 def test_paper_train_builds_the_papers_network(recipe):
     """paper_train.json, listed last, gives the paper's network: width 8, the field at full resolution,
-    gradient heads, about 30.8 M parameters (DESIGN section 3)."""
+    gradient heads, about 30.8 M parameters (as its comment says)."""
     paper = _parsed([*recipe, "paper_train.json"]).get_parsed_content("network_def")
     assert (paper.settings["channel_multiplier"], paper.downsample, paper.head_type) == (8, 1, "gradient")
     assert 29e6 < sum(p.numel() for p in paper.parameters()) < 32e6

@@ -134,7 +134,7 @@ def test_smooth_positive_gradients_do_not_fold_but_shear_can():
 def test_paper_width_parameter_count():
     net = networks.GradientRegNet(in_channels=3, channel_multiplier=8)
     n = sum(p.numel() for p in net.parameters())
-    assert 29e6 < n < 32e6  # DESIGN section 6: about 30.8 M
+    assert 29e6 < n < 32e6  # about 30.8 M, as configs/paper_train.json says
 
 
 def test_verify_metadata():

@@ -47,8 +47,8 @@ RECIPES: dict[str, tuple[list[str], dict]] = {
             "downsample": 1,
         },
     ),
-    # configs/fast_train.json, chosen on held-out training pairs (docs/experiments.md, "Training recipe for CPU budgets"), with the
-    # bundle's default half-resolution field (as the demo trains it)
+    # configs/fast_train.json, chosen on held-out training pairs (docs/experiments/registration.md, "Training recipe
+    # for CPU budgets"), with the bundle's default half-resolution field (as the demo trains it)
     "fast": (["fast_train.json"], {"pairs_per_epoch": 100, "downsample": 2}),
 }
 

@@ -5,7 +5,7 @@ dozen Adam steps on a coarse displacement grid (ConvexAdam, Siebert et al. 2021:
 ~80 iterations, three 3x3x3 average-pool smoothings, squared finite differences as regulariser, trilinear
 upsampling) close most of the gap per pair in well under a second at the demo grid. The image term uses the
 network's own input channels (the CT windows); an optional Dice term uses the segmentation bundle's
-*predicted* organ labels of both scans (the seed's noisy labels at test time), never the true labels of the
+*predicted* organ labels of both scans (its pseudo labels, at test time), never the true labels of the
 pairs being evaluated, which only the metrics read.
 
 The refinement is a residual on top of the starting field (the network's, or the identity), so zero

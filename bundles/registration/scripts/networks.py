@@ -145,10 +145,10 @@ class GradientRegNet(nn.Module):
             each axis, integrated by a cumulative sum; no folding along an axis) or "displacement" (the
             field itself, in voxels of the prediction grid, as VoxelMorph's; zero-initialised heads still
             start at the identity). With "gradient" a head's change at one voxel moves every later voxel
-            of the axis, which made short CPU trainings learn slowly (registration docs, "Training
-            recipe"); "displacement" changes only its neighbourhood. The regulariser then falls back to
-            ``RegistrationLoss``'s field loss (bending energy). It changes the field: inference must use the
-            training value.
+            of the axis, which made short CPU trainings learn slowly (the repository's
+            docs/experiments/registration.md, "Training recipe for CPU budgets"); "displacement" changes only its
+            neighbourhood. The regulariser then falls back to ``RegistrationLoss``'s field loss (bending energy).
+            It changes the field: inference must use the training value.
         supervised_levels: with deep supervision, how many decoder levels (finest first) return a field;
             ``None`` = all (the paper). Unused heads stay in the state dict, so checkpoints load either way.
         norm, act: MONAI layer factory names.

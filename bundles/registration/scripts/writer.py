@@ -47,7 +47,7 @@ def prepare_run_folder(
 ) -> None:
     """Make ``output_dir`` this run's: no input where an output goes, no results of another run mixed in.
 
-    An input file (a scan, a label map, a field folder read by ``evaluate.json``) that lies in the folders or at
+    An input file (a scan, a label map, a field folder read by ``field_folder.json``) that lies in the folders or at
     the files this run writes is refused: the run would overwrite it. The folder's ``run.json`` names the pairs
     of the run that wrote it: another list of pairs is refused (its per-pair files, fields and tables would be
     mixed with this run's) unless ``overwrite``; then, and for a rerun of the same pairs, the earlier results are
